@@ -1,0 +1,191 @@
+"""Typed, frozen configuration.
+
+Each component receives only its own part: the swarm layer gets ``NetworkConfig``, the
+runtime ``LimitsConfig``, and so on. Defaults live here and nowhere else: the CLI builds
+its flags from these fields (``metadata["help"]`` is the flag's help text), so ``--help``
+shows exactly these defaults. Values are checked once, in ``__post_init__``; checks that
+need the machine or the model (CUDA present? blocks inside the model?) happen in the CLI
+before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from corolla.errors import ConfigError
+
+BUILTIN_MODEL = "smollm2-135m"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def default_cache_dir() -> str:
+    """``$COROLLA_CACHE_DIR`` or ``~/.cache/corolla`` (XDG-aware)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "corolla")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _check_positive(obj: object) -> None:
+    """Every int/float field whose help says "positive" must be > 0."""
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if "positive" in f.metadata.get("help", "") and value is not None and value <= 0:
+            raise ConfigError(f"--{f.name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where this peer listens, what it announces and which swarm it joins."""
+
+    initial_peers: tuple[str, ...] = field(
+        default=(), metadata=_help("multiaddrs of peers already in the swarm to join")
+    )
+    new_swarm: bool = field(default=False, metadata=_help("start a new private swarm"))
+    port: int | None = field(
+        default=None, metadata=_help("TCP port to listen on (0.0.0.0); positive; conflicts with --host_maddrs")
+    )
+    host_maddrs: tuple[str, ...] = field(
+        default=(), metadata=_help("multiaddrs to listen on (default: /ip4/0.0.0.0/tcp/0)")
+    )
+    announce_maddrs: tuple[str, ...] = field(
+        default=(), metadata=_help("multiaddrs to announce to others; conflicts with --public_ip")
+    )
+    public_ip: str | None = field(
+        default=None, metadata=_help("this machine's public IP, announced with --port")
+    )
+    identity_path: str | None = field(
+        default=None,
+        metadata=_help("file with a persistent peer identity (created if missing), keeps the peer id"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.initial_peers and self.new_swarm:
+            raise ConfigError("--initial_peers and --new_swarm conflict: join a swarm or start a new one")
+        if self.port is not None and self.host_maddrs:
+            raise ConfigError("--port and --host_maddrs conflict: give the port inside --host_maddrs")
+        if self.public_ip is not None and self.announce_maddrs:
+            raise ConfigError("--public_ip and --announce_maddrs conflict: put the IP in --announce_maddrs")
+        if self.public_ip is not None and self.port is None:
+            raise ConfigError("--public_ip needs --port (the port that others can reach)")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
+
+    def listen_maddrs(self) -> list[str]:
+        if self.host_maddrs:
+            return list(self.host_maddrs)
+        port = self.port or 0
+        return [f"/ip4/0.0.0.0/tcp/{port}"]
+
+    def public_maddrs(self) -> list[str]:
+        if self.announce_maddrs:
+            return list(self.announce_maddrs)
+        if self.public_ip is not None:
+            return [f"/ip4/{self.public_ip}/tcp/{self.port}"]
+        return []
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds a server enforces on every request and session."""
+
+    max_batch_size: int = field(
+        default=8192, metadata=_help("most tokens (batch x length) in one request; positive")
+    )
+    inference_max_length: int = field(
+        default=8192, metadata=_help("longest inference session, in tokens; positive")
+    )
+    attn_cache_tokens: int = field(
+        default=16384,
+        metadata=_help("attention (KV) cache budget of all sessions together, in tokens per block; positive"),
+    )
+    request_timeout: float = field(
+        default=180.0, metadata=_help("seconds one RPC may take; positive")
+    )
+    session_timeout: float = field(
+        default=1800.0, metadata=_help("seconds one inference session may last; positive")
+    )
+    step_timeout: float = field(
+        default=300.0, metadata=_help("seconds a session may wait for its next step; positive")
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``corolla serve`` needs; built by the CLI, validated once."""
+
+    model: str = field(
+        default=BUILTIN_MODEL,
+        metadata=_help("local transformers directory, hub repo id (from the local cache) or built-in name"),
+    )
+    num_blocks: int | None = field(
+        default=None, metadata=_help("how many blocks to host (default: all); positive")
+    )
+    block_indices: tuple[int, int] | None = field(
+        default=None, metadata=_help("exactly which blocks to host, as START:END (END exclusive)")
+    )
+    dht_prefix: str | None = field(
+        default=None, metadata=_help("the model's name in the DHT (default: derived from the model)")
+    )
+    public_name: str | None = field(
+        default=None, metadata=_help("human-readable name carried in this server's DHT record")
+    )
+    device: str = field(default="auto", metadata=_help("cuda, cuda:N, mps or cpu (auto: cuda > mps > cpu)"))
+    torch_dtype: str = field(
+        default="auto",
+        metadata=_help("auto (checkpoint dtype; float16 -> float32 on CPU), float32, bfloat16 or float16"),
+    )
+    cache_dir: str = field(
+        default_factory=default_cache_dir, metadata=_help("where converted models and caches live")
+    )
+    throughput: float = field(
+        default=1.0, metadata=_help("throughput (requests/s) this server announces; positive")
+    )
+    update_period: float = field(
+        default=60.0, metadata=_help("seconds between re-announcements in the DHT; positive")
+    )
+    expiration: float | None = field(
+        default=None, metadata=_help("seconds a DHT record lives (default: max(2 x update_period, 60)); positive")
+    )
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if self.num_blocks is not None and self.block_indices is not None:
+            raise ConfigError("--num_blocks and --block_indices conflict: give one of them")
+        if self.block_indices is not None:
+            start, end = self.block_indices
+            if start < 0 or end <= start:
+                raise ConfigError(
+                    f"--block_indices {start}:{end} is empty or negative; use START:END with 0 <= START < END"
+                )
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"--device {self.device!r} is unknown; use one of {', '.join(DEVICES)} or cuda:N")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"--torch_dtype {self.torch_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+
+    @property
+    def record_expiration(self) -> float:
+        return self.expiration if self.expiration is not None else max(2 * self.update_period, 60.0)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client finds and talks to servers."""
+
+    initial_peers: tuple[str, ...] = ()
+    dht_prefix: str | None = None
+    request_timeout: float = 180.0
+    step_timeout: float = 60.0
+    max_wait_for_blocks: float = 30.0
+    update_period: float = 5.0
+    max_retries: int = 3

@@ -1,0 +1,1 @@
+"""The swarm layer: the only package that touches ``hivemind.DHT``."""

@@ -1,0 +1,33 @@
+"""Starting a DHT peer from a ``NetworkConfig``."""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind import DHT
+
+from corolla.config import NetworkConfig
+
+logger = logging.getLogger(__name__)
+
+
+def start_dht(network: NetworkConfig, *, client_mode: bool = False, num_workers: int = 4) -> DHT:
+    """Start (or join) a swarm. Raises hivemind's errors for unreachable initial peers."""
+    dht = DHT(
+        initial_peers=list(network.initial_peers),
+        start=True,
+        num_workers=num_workers,
+        host_maddrs=network.listen_maddrs(),
+        announce_maddrs=network.public_maddrs() or None,
+        identity_path=network.identity_path,
+        client_mode=client_mode,
+        use_relay=False,
+        use_auto_relay=False,
+    )
+    return dht
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    """Multiaddrs others can use to reach this peer, loopback last (most useful first)."""
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    return sorted(maddrs, key=lambda m: ("/ip4/127." in m or "/ip6/::1/" in m, m))

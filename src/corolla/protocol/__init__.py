@@ -1,1 +1,1 @@
-
+"""The wire contract between clients and servers; imports neither side."""

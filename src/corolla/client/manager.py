@@ -1,0 +1,72 @@
+"""The client's view of the swarm: records from the DHT turned into routes."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import time
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+
+from corolla.client.routing import Hop, make_route
+from corolla.client.transport import EventLoopThread
+from corolla.config import ClientConfig, NetworkConfig
+from corolla.errors import MissingBlocks
+from corolla.swarm.dht import start_dht
+from corolla.swarm.registry import fetch_block_records
+from corolla.swarm.spans import ServerSpan, missing_blocks, spans_from_records
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceManager:
+    """Finds servers for a model's blocks; owns the client's DHT peer and P2P handle."""
+
+    def __init__(self, config: ClientConfig, dht_prefix: str, num_blocks: int, dht: DHT | None = None) -> None:
+        self.config, self.dht_prefix, self.num_blocks = config, dht_prefix, num_blocks
+        self._own_dht = dht is None
+        self.dht = dht or start_dht(NetworkConfig(initial_peers=config.initial_peers), client_mode=True)
+        self.loop = EventLoopThread.get()
+        self.p2p: P2P = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        self._spans: list[ServerSpan] = []
+        self._updated = 0.0
+        atexit.register(self.shutdown)
+
+    def spans(self, *, refresh: bool = False) -> list[ServerSpan]:
+        if refresh or time.monotonic() - self._updated > self.config.update_period:
+            records = fetch_block_records(self.dht, self.dht_prefix, self.num_blocks)
+            self._spans = spans_from_records(records)
+            self._updated = time.monotonic()
+        return self._spans
+
+    def route(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()) -> list[Hop]:
+        """A chain of ONLINE servers for blocks ``start..end-1``, waiting a bounded time for missing ones."""
+        end = self.num_blocks if end is None else end
+        deadline = time.monotonic() + self.config.max_wait_for_blocks
+        refresh = False
+        while True:
+            spans = self.spans(refresh=refresh)
+            route = make_route(spans, start, end, banned=banned)
+            if route is not None:
+                logger.debug("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
+                return route
+            if time.monotonic() >= deadline:
+                usable = [s for s in spans if s.peer_id not in banned]
+                missing = [i for i in missing_blocks(usable, self.num_blocks) if start <= i < end]
+                raise MissingBlocks(missing, waited=self.config.max_wait_for_blocks)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            refresh = True
+
+    @staticmethod
+    def peer(hop: Hop) -> PeerID:
+        return PeerID.from_base58(hop.peer_id)
+
+    def shutdown(self) -> None:
+        """Close the P2P handle (and the DHT peer, if this manager started it); idempotent."""
+        atexit.unregister(self.shutdown)
+        with contextlib.suppress(Exception):
+            self.loop.run(self.p2p.shutdown(), timeout=5)
+        if self._own_dht:
+            self.dht.shutdown()

@@ -1,0 +1,144 @@
+"""Talking to servers: a background event loop for hivemind P2P, and typed RPC calls.
+
+The client API is synchronous (``generate`` calls forward step by step); every network call
+runs as a coroutine on one background loop and the caller waits with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from corolla import errors
+from corolla.errors import RemoteError, ServerUnavailable
+from corolla.protocol import codec
+from corolla.protocol.messages import (
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    ForwardRequest,
+    InferenceOpen,
+    InferenceStep,
+    Message,
+    Reply,
+    encode,
+)
+
+T = TypeVar("T")
+
+
+class EventLoopThread:
+    """One daemon thread running an asyncio loop; ``run`` submits a coroutine and waits."""
+
+    _instance: EventLoopThread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="corolla-client-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> EventLoopThread:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise ServerUnavailable(f"no answer within {timeout:.0f} s") from None
+
+
+def _request(meta: Message, tensor: torch.Tensor) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(metadata=encode(meta), tensors=[codec.pack(tensor)])
+
+
+def _result(response: runtime_pb2.ExpertResponse, peer: str) -> tuple[torch.Tensor, Reply]:
+    """The tensor of a reply, or the server's typed error raised here."""
+    reply = Reply.model_validate_json(response.metadata or b"{}")
+    if reply.error is not None:
+        cls = getattr(errors, reply.error.kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.CorollaError)) or cls is errors.MissingBlocks:
+            cls = RemoteError
+        raise cls(f"server ...{peer[-8:]}: {reply.error.message}")
+    if len(response.tensors) != 1:
+        raise RemoteError(f"server ...{peer[-8:]} sent {len(response.tensors)} tensors instead of 1")
+    return codec.unpack(response.tensors[0]), reply
+
+
+async def call_forward(p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor
+                       ) -> torch.Tensor:
+    """Run blocks ``start..end-1`` of one server on a whole sequence, without a cache."""
+
+    async def one_request() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        yield _request(ForwardRequest(start=start, end=end), hidden)
+
+    try:
+        responses = await p2p.iterate_protobuf_handler(peer_id, RPC_FORWARD, one_request(),
+                                                       runtime_pb2.ExpertResponse)
+        async for response in responses:
+            return _result(response, peer_id.to_base58())[0]
+    except errors.CorollaError:
+        raise
+    except Exception as e:
+        raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}") from e
+    raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} closed the stream without a reply")
+
+
+class InferenceStream:
+    """One open inference stream to one server: ``step`` sends hidden states, returns its output."""
+
+    def __init__(self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int) -> None:
+        self.p2p, self.peer_id = p2p, peer_id
+        self.open_meta = InferenceOpen(start=start, end=end, max_length=max_length, batch_size=batch_size)
+        self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self.position = 0
+
+    @property
+    def peer(self) -> str:
+        return self.peer_id.to_base58()
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (item := await self._outbox.get()) is not None:
+            yield item
+
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
+        meta = InferenceStep(position=position, open=self.open_meta if self._responses is None else None)
+        try:
+            if self._responses is None:
+                self._responses = await self.p2p.iterate_protobuf_handler(
+                    self.peer_id, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
+                )
+            self._outbox.put_nowait(_request(meta, hidden))
+            response = await asyncio.wait_for(anext(self._responses), timeout)
+        except StopAsyncIteration:
+            raise ServerUnavailable(f"server ...{self.peer[-8:]} closed the session") from None
+        except TimeoutError:
+            await self.close()
+            raise ServerUnavailable(f"server ...{self.peer[-8:]} did not answer a step within {timeout:.0f} s") from None
+        except errors.CorollaError:
+            raise
+        except Exception as e:
+            raise ServerUnavailable(f"server ...{self.peer[-8:]} failed: {type(e).__name__}: {e}") from e
+        out, _ = _result(response, self.peer)
+        self.position = position + hidden.shape[1]
+        return out
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        if self._responses is not None:
+            responses, self._responses = self._responses, None
+            try:
+                await asyncio.wait_for(responses.aclose(), timeout=1.0)  # type: ignore[attr-defined]
+            except Exception:
+                pass  # the stream is gone either way

@@ -1,0 +1,99 @@
+"""Typed RPC metadata. Tensors travel in hivemind's ``ExpertRequest``/``ExpertResponse``
+protobufs; everything else is one of these models, JSON-encoded into ``metadata``."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corolla.errors import BadRequest
+
+PROTOCOL_VERSION = 1
+
+RPC_INFO = "corolla.info"
+RPC_FORWARD = "corolla.forward"
+RPC_INFERENCE = "corolla.inference"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SpanRequest(Message):
+    """Which blocks to run, as absolute block indices ``[start, end)``."""
+
+    protocol: int = PROTOCOL_VERSION
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+
+class ForwardRequest(SpanRequest):
+    """A whole sequence through the span, no cache. Tensors: ``[hidden_states]``."""
+
+
+class InferenceOpen(SpanRequest):
+    """First message of an inference stream: reserves a KV cache of ``max_length`` tokens."""
+
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(default=1, gt=0)
+
+
+class InferenceStep(Message):
+    """One step. Tensors: ``[hidden_states]`` for positions ``position .. position+len-1``.
+
+    ``position`` below the session's length rolls the cache back to it (a replay)."""
+
+    position: int = Field(ge=0)
+    open: InferenceOpen | None = None
+
+
+class StepResult(Message):
+    position: int
+
+
+class ErrorInfo(Message):
+    """An error the server reports instead of a result; ``kind`` names a corolla.errors class."""
+
+    kind: str
+    message: str
+
+
+class Reply(Message):
+    """Metadata of every response: a result or an error."""
+
+    result: StepResult | None = None
+    error: ErrorInfo | None = None
+
+
+class ServerInfoRequest(Message):
+    protocol: int = PROTOCOL_VERSION
+
+
+class ServerInfoReply(Message):
+    version: str
+    dht_prefix: str
+    start_block: int
+    end_block: int
+    torch_dtype: str
+    max_batch_size: int
+    inference_max_length: int
+    cache_tokens_left: int
+    active_sessions: int
+
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(cls: type[M], raw: bytes) -> M:
+    """Parse metadata from a peer; malformed input raises ``BadRequest`` with what was wrong."""
+    try:
+        return cls.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise BadRequest(f"malformed {cls.__name__}: {where}: {first['msg']}") from None

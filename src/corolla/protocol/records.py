@@ -1,0 +1,47 @@
+"""Typed DHT records: what a server announces for each block it hosts."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+RECORD_VERSION = 1
+
+
+class ServerState(IntEnum):
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+class ServerInfo(BaseModel):
+    """One server's announcement, stored under each hosted block's uid (subkey: peer id)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    record_version: int = RECORD_VERSION
+    state: ServerState
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    throughput: float = Field(ge=0)
+    torch_dtype: str
+    public_name: str | None = None
+    version: str
+    max_inference_length: int = Field(ge=0)
+    cache_tokens_left: int = Field(ge=0)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ServerInfo | None:
+        """Parse a record read from the DHT; ``None`` for anything malformed or of another version."""
+        if not isinstance(value, dict) or value.get("record_version") != RECORD_VERSION:
+            return None
+        try:
+            info = cls.model_validate(value)
+        except ValidationError:
+            return None
+        return info if info.end_block > info.start_block else None

@@ -1,0 +1,203 @@
+"""RPC handlers: decode a request, check it against the span and the limits, run it, encode the reply.
+
+Every error a peer can cause becomes a typed ``Reply.error`` with a one-line message; the
+handler never lets one request disturb another."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from corolla import __version__
+from corolla.config import LimitsConfig
+from corolla.errors import BadRequest, CorollaError, ServerUnavailable
+from corolla.protocol import codec
+from corolla.protocol.messages import (
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_INFO,
+    ErrorInfo,
+    ForwardRequest,
+    InferenceStep,
+    Reply,
+    ServerInfoReply,
+    ServerInfoRequest,
+    SpanRequest,
+    StepResult,
+    decode,
+    encode,
+)
+from corolla.runtime.backend import SpanBackend
+from corolla.server.sessions import Session, SessionTable
+
+logger = logging.getLogger(__name__)
+
+Request = runtime_pb2.ExpertRequest
+Response = runtime_pb2.ExpertResponse
+
+
+def error_response(error: Exception) -> Response:
+    if isinstance(error, CorollaError):
+        info = ErrorInfo(kind=type(error).__name__, message=str(error))
+    else:
+        info = ErrorInfo(kind="InternalError", message=f"internal server error: {type(error).__name__}: {error}")
+    return Response(metadata=encode(Reply(error=info)))
+
+
+def tensor_response(tensor: torch.Tensor, position: int | None = None) -> Response:
+    result = StepResult(position=position) if position is not None else None
+    return Response(tensors=[codec.pack(tensor)], metadata=encode(Reply(result=result)))
+
+
+class Handler:
+    """The server's RPCs over one span backend."""
+
+    def __init__(self, backend: SpanBackend, sessions: SessionTable, limits: LimitsConfig, *,
+                 dht_prefix: str, hidden_size: int) -> None:
+        self.backend, self.sessions, self.limits = backend, sessions, limits
+        self.dht_prefix, self.hidden_size = dht_prefix, hidden_size
+        self.stopping = asyncio.Event()
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
+        await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, Request, stream_input=True,
+                                       stream_output=True)
+        await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, Request, stream_input=True,
+                                       stream_output=True)
+
+    async def unregister(self, p2p: P2P) -> None:
+        for name in (RPC_INFO, RPC_FORWARD, RPC_INFERENCE):
+            await p2p.remove_protobuf_handler(name)
+
+    # --- RPCs ---------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: Request, context: P2PContext) -> Response:
+        try:
+            decode(ServerInfoRequest, request.metadata)
+        except CorollaError as e:
+            return error_response(e)
+        reply = ServerInfoReply(
+            version=__version__, dht_prefix=self.dht_prefix, start_block=self.backend.start,
+            end_block=self.backend.end, torch_dtype=str(self.backend.dtype).removeprefix("torch."),
+            max_batch_size=self.limits.max_batch_size, inference_max_length=self.limits.inference_max_length,
+            cache_tokens_left=self.sessions.budget.left, active_sessions=len(self.sessions),
+        )
+        return Response(metadata=reply.model_dump_json().encode())
+
+    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext
+                          ) -> AsyncIterator[Response]:
+        try:
+            request = await self._next(requests, self.limits.request_timeout)
+            if request is None:
+                raise BadRequest("forward stream closed before its request")
+            meta = decode(ForwardRequest, request.metadata)
+            self._check_span(meta)
+            hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
+            out = await asyncio.wait_for(self.backend.run(hidden, meta.start, meta.end),
+                                         self.limits.request_timeout)
+            yield tensor_response(out)
+        except Exception as e:
+            yield self._report(e, "forward", context)
+
+    async def rpc_inference(self, requests: AsyncIterator[Request], context: P2PContext
+                            ) -> AsyncIterator[Response]:
+        session: Session | None = None
+        try:
+            request = await self._next(requests, self.limits.step_timeout)
+            if request is None:
+                return
+            step = decode(InferenceStep, request.metadata)
+            session = self._open(step)
+            while True:
+                yield await self._step(session, request, step)
+                remaining = session.deadline - time.monotonic()
+                request = await self._next(requests, min(self.limits.step_timeout, max(remaining, 0.0)))
+                if request is None:
+                    return
+                if time.monotonic() > session.deadline:
+                    raise BadRequest(f"session exceeded the server's --session_timeout "
+                                     f"({self.limits.session_timeout:.0f} s); open a new session")
+                step = decode(InferenceStep, request.metadata)
+        except Exception as e:
+            yield self._report(e, "inference", context)
+        finally:
+            if session is not None:
+                self.sessions.close(session)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _open(self, step: InferenceStep) -> Session:
+        if step.open is None:
+            raise BadRequest("the first message of an inference stream must carry 'open'")
+        meta = step.open
+        self._check_span(meta)
+        if meta.max_length > self.limits.inference_max_length:
+            raise BadRequest(f"max_length {meta.max_length} exceeds this server's --inference_max_length "
+                             f"{self.limits.inference_max_length}")
+        return self.sessions.open(start=meta.start, end=meta.end, max_length=meta.max_length,
+                                  batch_size=meta.batch_size, cache=self.backend.new_cache(),
+                                  timeout=self.limits.session_timeout)
+
+    async def _step(self, session: Session, request: Request, step: InferenceStep) -> Response:
+        position = step.position
+        hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
+        session.check_step(position, hidden.shape[0], hidden.shape[1])
+        if position < session.length:
+            self.backend.crop(session.cache, position)
+        out = await self.backend.run(hidden, session.start, session.end, cache=session.cache)
+        session.length = position + hidden.shape[1]
+        return tensor_response(out, session.length)
+
+    async def _next(self, requests: AsyncIterator[Request], timeout: float) -> Request | None:
+        """The next request, ``None`` at the end of the stream; errors on timeout or shutdown."""
+        next_task = asyncio.ensure_future(anext(requests, None))
+        stop_task = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({next_task, stop_task}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_task.cancel()
+        if next_task in done:
+            return next_task.result()
+        next_task.cancel()
+        if stop_task in done:
+            raise ServerUnavailable("the server is shutting down; retry with another server")
+        raise BadRequest(f"no request within {timeout:.0f} s (--step_timeout); the session was closed")
+
+    def _check_span(self, meta: SpanRequest) -> None:
+        if self.stopping.is_set():
+            raise ServerUnavailable("the server is shutting down; retry with another server")
+        if meta.protocol != SpanRequest.model_fields["protocol"].default:
+            raise BadRequest(f"protocol version {meta.protocol} is not supported by this server "
+                             f"(corolla {__version__}); upgrade the older side")
+        if not self.backend.start <= meta.start < meta.end <= self.backend.end:
+            raise BadRequest(f"blocks {meta.start}:{meta.end} are not inside this server's span "
+                             f"{self.backend.start}:{self.backend.end}")
+
+    def _hidden_from(self, request: Request, *, max_tokens: int) -> torch.Tensor:
+        if len(request.tensors) != 1:
+            raise BadRequest(f"expected 1 tensor (hidden states), got {len(request.tensors)}")
+        hidden = codec.unpack(request.tensors[0])
+        if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size or 0 in hidden.shape:
+            raise BadRequest(f"hidden states must have shape [batch, seq, {self.hidden_size}], "
+                             f"got {list(hidden.shape)}")
+        if not hidden.is_floating_point():
+            raise BadRequest(f"hidden states must be floating point, got {hidden.dtype}")
+        if hidden.shape[0] * hidden.shape[1] > max_tokens:
+            raise BadRequest(f"request has {hidden.shape[0] * hidden.shape[1]} tokens, more than this "
+                             f"server's --max_batch_size {max_tokens}; split it")
+        return hidden
+
+    def _report(self, error: Exception, rpc: str, context: P2PContext) -> Response:
+        peer = str(context.remote_id)[-8:] if context is not None else "?"
+        if isinstance(error, CorollaError):
+            logger.info("%s from ...%s refused: %s", rpc, peer, error)
+        else:
+            logger.exception("%s from ...%s failed", rpc, peer)
+        return error_response(error)

@@ -1,0 +1,61 @@
+"""Reading and writing server records in the DHT.
+
+Coroutines passed to ``DHT.run_coroutine`` run in the DHT's own process, so they are
+module-level functions bound with ``functools.partial`` (they must be picklable)."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+from hivemind import DHT
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from corolla.protocol.records import ServerInfo
+from corolla.protocol.uids import make_uids
+from corolla.swarm.spans import BlockRecords
+
+logger = logging.getLogger(__name__)
+
+
+async def _store_many(_dht: DHT, node: DHTNode, *, uids: list[str], subkey: str, value: Any,
+                      expiration_time: float) -> list[str]:
+    results = await node.store_many(keys=uids, subkeys=[subkey] * len(uids), values=[value] * len(uids),
+                                    expiration_time=expiration_time)
+    return [uid for uid, ok in results.items() if not ok]
+
+
+async def _get_many(_dht: DHT, node: DHTNode, *, uids: list[str]) -> dict[str, Any]:
+    found = await node.get_many(uids)
+    # plain data only: the result travels back through a pipe
+    out: dict[str, Any] = {}
+    for uid, entry in found.items():
+        if entry is not None and isinstance(entry.value, dict):
+            out[uid] = {subkey: getattr(sub, "value", None) for subkey, sub in entry.value.items()}
+    return out
+
+
+def announce(dht: DHT, dht_prefix: str, info: ServerInfo, expiration: float) -> None:
+    """Store ``info`` under every block of its span, subkey = this peer's id."""
+    uids = make_uids(dht_prefix, info.start_block, info.end_block)
+    failed = dht.run_coroutine(partial(_store_many, uids=uids, subkey=dht.peer_id.to_base58(),
+                                       value=info.to_wire(), expiration_time=get_dht_time() + expiration))
+    if failed:
+        logger.warning("the DHT did not accept the record for %d block(s), e.g. %s", len(failed), failed[0])
+
+
+def fetch_block_records(dht: DHT, dht_prefix: str, num_blocks: int) -> BlockRecords:
+    """Per block index, the valid records found in the DHT (malformed ones are dropped)."""
+    uids = make_uids(dht_prefix, 0, num_blocks)
+    found = dht.run_coroutine(partial(_get_many, uids=uids))
+    out: BlockRecords = []
+    for uid in uids:
+        records: dict[str, ServerInfo] = {}
+        for peer_id, value in found.get(uid, {}).items():
+            info = ServerInfo.from_wire(value)
+            if info is not None and isinstance(peer_id, str):
+                records[peer_id] = info
+        out.append(records)
+    return out

@@ -20,11 +20,14 @@ from corolla.protocol import codec
 from corolla.protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
+    RPC_INFO,
     ForwardRequest,
     InferenceOpen,
     InferenceStep,
     Message,
     Reply,
+    ServerInfoReply,
+    ServerInfoRequest,
     encode,
 )
 
@@ -92,6 +95,16 @@ async def call_forward(p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: 
     except Exception as e:
         raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}") from e
     raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} closed the stream without a reply")
+
+
+async def call_info(p2p: P2P, peer_id: PeerID) -> ServerInfoReply:
+    """A server's live status (span, limits, free cache, weight bytes)."""
+    request = runtime_pb2.ExpertRequest(metadata=encode(ServerInfoRequest()))
+    try:
+        response = await p2p.call_protobuf_handler(peer_id, RPC_INFO, request, runtime_pb2.ExpertResponse)
+    except Exception as e:
+        raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}") from e
+    return ServerInfoReply.model_validate_json(response.metadata)
 
 
 class InferenceStream:

@@ -80,6 +80,7 @@ class ServerInfoReply(Message):
     inference_max_length: int
     cache_tokens_left: int
     active_sessions: int
+    weight_bytes: int
 
 
 M = TypeVar("M", bound=Message)

@@ -16,6 +16,7 @@ class SpanBackend:
 
     def __init__(self, span: SpanModel, dtype: torch.dtype, device: torch.device) -> None:
         self.span, self.dtype, self.device = span, dtype, device
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in span.parameters())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
 
     @property

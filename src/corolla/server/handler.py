@@ -72,8 +72,9 @@ class Handler:
                                        stream_output=True)
 
     async def unregister(self, p2p: P2P) -> None:
-        for name in (RPC_INFO, RPC_FORWARD, RPC_INFERENCE):
-            await p2p.remove_protobuf_handler(name)
+        await p2p.remove_protobuf_handler(RPC_INFO)
+        for name in (RPC_FORWARD, RPC_INFERENCE):
+            await p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
 
     # --- RPCs ---------------------------------------------------------------------------------
 
@@ -87,6 +88,7 @@ class Handler:
             end_block=self.backend.end, torch_dtype=str(self.backend.dtype).removeprefix("torch."),
             max_batch_size=self.limits.max_batch_size, inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=self.sessions.budget.left, active_sessions=len(self.sessions),
+            weight_bytes=self.backend.weight_bytes,
         )
         return Response(metadata=reply.model_dump_json().encode())
 

@@ -119,7 +119,7 @@ class Server:
                     plan.model_path, plan.device, str(plan.dtype).removeprefix("torch."))
         t0 = time.monotonic()
         span = load_span(plan.model_path, plan.model_config, start, end, dtype=plan.dtype, device=plan.device)
-        weights = parameter_bytes(span.layers)
+        weights = parameter_bytes(span)
         cache = cache_bytes_per_token_block(plan.model_config, plan.dtype) * self.config.limits.attn_cache_tokens
         logger.info("loaded %d blocks in %.1f s: weights %s, attention cache budget %s (%d tokens x %d blocks)",
                     end - start, time.monotonic() - t0, _human(weights), _human(cache * (end - start)),

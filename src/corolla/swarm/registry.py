@@ -28,7 +28,7 @@ async def _store_many(_dht: DHT, node: DHTNode, *, uids: list[str], subkey: str,
 
 
 async def _get_many(_dht: DHT, node: DHTNode, *, uids: list[str]) -> dict[str, Any]:
-    found = await node.get_many(uids)
+    found = await node.get_many(uids, sufficient_expiration_time=float("inf"))  # latest, not cached
     # plain data only: the result travels back through a pipe
     out: dict[str, Any] = {}
     for uid, entry in found.items():

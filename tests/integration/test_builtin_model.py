@@ -1,0 +1,70 @@
+"""The built-in SmolLM2 model through a real two-server swarm, driven by the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from corolla.cli.local_swarm import LocalServer, start_swarm
+from corolla.config import BUILTIN_MODEL, default_cache_dir
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is the capital of France?"
+
+
+def corolla(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "corolla.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def builtin_dir() -> Path:
+    from corolla.models.resolve import resolve_model
+
+    return resolve_model(BUILTIN_MODEL, default_cache_dir()).path  # converts once, then cached
+
+
+@pytest.fixture(scope="module")
+def two_servers(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalServer]]:
+    servers = start_swarm(BUILTIN_MODEL, [(0, 15), (15, 30)], log_dir=tmp_path_factory.mktemp("builtin"))
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_generate_answers_paris_with_the_local_token_ids(two_servers: list[LocalServer], builtin_dir: Path
+                                                         ) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = corolla("generate", QUESTION, "--initial_peers", two_servers[0].maddr or "", "--json",
+                     "--max_new_tokens", "24")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Paris" in answer["text"]
+    assert [(hop["start"], hop["end"]) for hop in answer["route"]] == [(0, 15), (15, 30)]
+
+    local = AutoModelForCausalLM.from_pretrained(builtin_dir, dtype=torch.float32).eval()
+    prompt_ids = torch.tensor([answer["prompt_ids"]])
+    with torch.no_grad():
+        expected = local.generate(prompt_ids, max_new_tokens=24, do_sample=False)
+    assert answer["token_ids"] == expected[0, prompt_ids.shape[1]:].tolist()
+
+
+def test_generate_streams_the_answer_to_the_terminal(two_servers: list[LocalServer]) -> None:
+    result = corolla("generate", QUESTION, "--initial_peers", two_servers[0].maddr or "", "--max_new_tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_a_private_swarm_and_prints_the_route(builtin_dir: Path) -> None:
+    result = corolla("demo", "--max_new_tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "blocks  0:15" in result.stdout and "blocks 15:30" in result.stdout

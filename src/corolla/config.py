@@ -23,6 +23,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def default_cache_dir() -> str:
     """``$COROLLA_CACHE_DIR`` or ``~/.cache/corolla`` (XDG-aware)."""
+    if os.environ.get("COROLLA_CACHE_DIR"):
+        return os.environ["COROLLA_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "corolla")
 

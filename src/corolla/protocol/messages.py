@@ -17,7 +17,7 @@ RPC_INFERENCE = "corolla.inference"
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SpanRequest(Message):

@@ -19,7 +19,7 @@ class ServerState(IntEnum):
 class ServerInfo(BaseModel):
     """One server's announcement, stored under each hosted block's uid (subkey: peer id)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     record_version: int = RECORD_VERSION
     state: ServerState

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import PretrainedConfig
 
 from corolla.errors import ModelNotFound
@@ -20,6 +20,14 @@ LAYER_PREFIX = "model.layers."
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it."""
+    try:
+        return _weight_files(model_dir)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ModelNotFound(f"cannot read the weights in {model_dir} ({type(e).__name__}: {e}); "
+                            "re-download or re-convert the model") from None
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -38,9 +46,13 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
         by_file.setdefault(files[name], []).append(name)
     out: dict[str, torch.Tensor] = {}
     for path, file_names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for name in file_names:
-                out[name] = f.get_tensor(name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ModelNotFound(f"cannot read weights from {path} ({type(e).__name__}: {e}); "
+                                "re-download or re-convert the model") from None
     return out
 
 

@@ -26,20 +26,20 @@ BlockRecords = list[dict[str, ServerInfo]]  # per block index: peer id -> record
 
 def spans_from_records(block_records: BlockRecords, *, states: tuple[ServerState, ...] = (ServerState.ONLINE,)
                        ) -> list[ServerSpan]:
-    """One span per server in ``states``: the longest run of consecutive blocks it is listed under
-    that agrees with its announced span (records may lag behind; trust what is listed)."""
-    listed: dict[str, list[int]] = {}
-    infos: dict[str, ServerInfo] = {}
+    """One span per server in ``states``: the longest run of consecutive blocks listed under one
+    and the same record of that server (a restarted server may leave stale records elsewhere)."""
+    listed: dict[tuple[str, ServerInfo], list[int]] = {}
     for index, records in enumerate(block_records):
         for peer_id, info in records.items():
             if info.state in states and info.start_block <= index < info.end_block:
-                listed.setdefault(peer_id, []).append(index)
-                infos[peer_id] = info
-    spans = []
-    for peer_id, indices in listed.items():
+                listed.setdefault((peer_id, info), []).append(index)
+    best: dict[str, ServerSpan] = {}
+    for (peer_id, info), indices in listed.items():
         start, end = _longest_run(indices)
-        spans.append(ServerSpan(peer_id, start, end, infos[peer_id]))
-    return sorted(spans, key=lambda s: (s.start, s.end, s.peer_id))
+        current = best.get(peer_id)
+        if current is None or end - start > current.length:
+            best[peer_id] = ServerSpan(peer_id, start, end, info)
+    return sorted(best.values(), key=lambda s: (s.start, s.end, s.peer_id))
 
 
 def _longest_run(indices: list[int]) -> tuple[int, int]:

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from corolla.errors import BadRequest
+from corolla.protocol.codec import pack, unpack
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_is_exact(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(2, 3, 8, generator=generator).to(dtype)
+    restored = unpack(pack(tensor))
+    assert restored.dtype == dtype
+    assert restored.shape == (2, 3, 8)
+    assert torch.equal(restored, tensor)
+
+
+def test_round_trip_of_a_non_contiguous_tensor() -> None:
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()
+    assert not tensor.is_contiguous()
+    assert torch.equal(unpack(pack(tensor)), tensor)
+
+
+def test_round_trip_of_an_empty_tensor() -> None:
+    restored = unpack(pack(torch.empty(1, 0, 16)))
+    assert restored.shape == (1, 0, 16)
+
+
+def test_pack_detaches_a_tensor_that_requires_grad() -> None:
+    tensor = torch.ones(3, requires_grad=True)
+    restored = unpack(pack(tensor))
+    assert torch.equal(restored, torch.ones(3))
+
+
+def test_pack_gives_a_protobuf_tensor_that_survives_bytes() -> None:
+    tensor = torch.linspace(-1, 1, 10, dtype=torch.bfloat16)
+    wire = pack(tensor).SerializeToString()
+    assert torch.equal(unpack(runtime_pb2.Tensor.FromString(wire)), tensor)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        runtime_pb2.Tensor(buffer=b"garbage", size=[2, 3], dtype="float32"),
+        runtime_pb2.Tensor(buffer=b"\x00" * 24, size=[5, 5], dtype="float32"),
+        runtime_pb2.Tensor(buffer=b"\x00" * 24, size=[6], dtype="complex-ish"),
+        runtime_pb2.Tensor(buffer=b"\x00" * 5, size=[3], dtype="bfloat16"),
+        runtime_pb2.Tensor(buffer=b"\x00" * 24, size=[6], dtype="float32", compression=99),
+        runtime_pb2.Tensor(),
+    ],
+    ids=["odd-buffer", "shape-mismatch", "unknown-dtype", "odd-bfloat16", "unknown-compression", "empty"],
+)
+def test_garbage_raises_bad_request(message: runtime_pb2.Tensor) -> None:
+    with pytest.raises(BadRequest, match=r"^cannot decode tensor: \w+: ") as info:
+        unpack(message)
+    assert "\n" not in str(info.value)
+
+
+def test_non_protobuf_input_raises_bad_request() -> None:
+    with pytest.raises(BadRequest, match="cannot decode tensor"):
+        unpack(b"not a protobuf")  # type: ignore[arg-type]

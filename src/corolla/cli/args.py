@@ -1,0 +1,230 @@
+"""Command-line flags built from the config dataclasses, and the plumbing every command shares.
+
+Each flag is one dataclass field: its name (Petals' flag names), type, default and
+``metadata["help"]`` come from ``corolla.config``, so a default lives in one place. Every
+flag can also come from a YAML file (``--config FILE``) or from ``COROLLA_<FLAG>``.
+A refusal of any kind becomes ``ConfigError``; entry points print it as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import re
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import MISSING, Field, dataclass, fields, is_dataclass
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import configargparse
+
+from corolla.config import LimitsConfig, NetworkConfig, ServerConfig
+from corolla.errors import ConfigError
+
+ENV_PREFIX = "COROLLA_"
+C = TypeVar("C")
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+# field name -> flag name, where Petals' flag name differs from ours
+FLAG_NAMES = {"model": "converted_model_name_or_path"}
+_SPAN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class FlagGroup:
+    """A ``--help`` section: some (``names``) or all fields of one config dataclass."""
+
+    title: str
+    config: type
+    names: tuple[str, ...] | None = None
+
+    def fields(self) -> list[Field]:
+        own = [f for f in fields(self.config) if not is_dataclass(_hint(self.config, f))]
+        if self.names is None:
+            return own
+        by_name = {f.name: f for f in own}
+        return [by_name[name] for name in self.names]
+
+
+SERVER_GROUPS = (
+    FlagGroup("model", ServerConfig, ("model", "dht_prefix", "cache_dir")),
+    FlagGroup("blocks", ServerConfig, ("num_blocks", "block_indices")),
+    FlagGroup("hardware", ServerConfig, ("device", "torch_dtype")),
+    FlagGroup("announcement", ServerConfig, ("public_name", "throughput", "update_period", "expiration")),
+    FlagGroup("network", NetworkConfig),
+    FlagGroup("limits", LimitsConfig),
+)
+NETWORK_GROUPS = (FlagGroup("network", NetworkConfig),)
+
+
+class ArgumentParser(configargparse.ArgumentParser):
+    """Raises ``ConfigError`` instead of printing usage and exiting, so refusals stay one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+class HelpFormatter(configargparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where the help text already states its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(
+    prog: str, description: str, groups: Sequence[FlagGroup], *, model_positional: bool = False
+) -> ArgumentParser:
+    """A parser with ``--config`` and one flag per field of ``groups``."""
+    parser = ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=HelpFormatter,
+        config_file_parser_class=configargparse.YAMLConfigFileParser,
+        auto_env_var_prefix=ENV_PREFIX,
+        args_for_setting_config_path=["--config"],
+        config_arg_help_message="YAML file with flag values (keys are flag names without --)",
+    )
+    if model_positional:
+        parser.add_argument(
+            "model_positional",
+            nargs="?",
+            metavar="MODEL",
+            help=f"the model to serve, as --converted_model_name_or_path (default: {_default_model()})",
+        )
+    for group in groups:
+        section = parser.add_argument_group(group.title)
+        for f in group.fields():
+            _add_flag(section, group.config, f, model_positional)
+    return parser
+
+
+def parse_config(parser: ArgumentParser, config_cls: type[C], argv: Sequence[str] | None) -> C:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into ``config_cls``; refusals raise ``ConfigError``."""
+    values = vars(parser.parse_args(argv))
+    if "model_positional" in values:
+        values["model"] = _pick_model(values.pop("model_positional"), values.get("model"))
+    return build_config(config_cls, values)
+
+
+def build_config(config_cls: type[C], values: dict[str, Any]) -> C:
+    """Fill ``config_cls`` (and its nested configs) from flat flag values; ``None`` keeps the default."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(config_cls):
+        hint = _hint(config_cls, f)
+        if is_dataclass(hint):
+            kwargs[f.name] = build_config(hint, values)  # type: ignore[arg-type]
+        elif values.get(f.name) is not None:
+            value = values[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return config_cls(**kwargs)
+
+
+def server_parser() -> ArgumentParser:
+    return build_parser(
+        "corolla serve",
+        "Host a span of a model's transformer blocks in a swarm.",
+        SERVER_GROUPS,
+        model_positional=True,
+    )
+
+
+def parse_server_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """``corolla serve`` flags -> ``ServerConfig``; raises ``ConfigError`` for any refusal."""
+    return parse_config(server_parser(), ServerConfig, argv)
+
+
+def parse_block_indices(text: str) -> tuple[int, int]:
+    """``"3:7"`` -> ``(3, 7)``."""
+    match = _SPAN_RE.match(text)
+    if match is None:
+        # YAML reads an unquoted 10:20 as the base-60 number 620
+        hint = " (in a YAML file, quote it: '10:20')" if text.strip().isdigit() else ""
+        raise argparse.ArgumentTypeError(f"expected START:END such as 0:16, got {text!r}{hint}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Readable logs on stderr; only CLI entry points call this, never an import."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
+
+
+def route_hivemind_logs() -> None:
+    """Send hivemind's log records through our handler (hivemind installs its own on import)."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
+
+
+def report_error(prog: str, error: BaseException) -> int:
+    """Print ``error`` as one line on stderr; return the exit status (2)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _add_flag(section: Any, config_cls: type, f: Field, model_positional: bool) -> None:
+    name = FLAG_NAMES.get(f.name, f.name)
+    default = _default(f)
+    help_text = f.metadata.get("help", "").replace("%", "%%")
+    if f.name == "model" and model_positional:
+        # None here, so a flag that repeats MODEL differently can be told apart from the default
+        help_text, default = f"{help_text} (default: {default})", None
+    section.add_argument(f"--{name}", dest=f.name, default=default, help=help_text, **_kind(config_cls, f))
+
+
+def _kind(config_cls: type, f: Field) -> dict[str, Any]:
+    """argparse ``type``/``nargs``/``action`` for a field's annotation."""
+    hint = _strip_optional(_hint(config_cls, f))
+    if hint is bool:
+        if f.default is not False:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: a boolean flag must default to False")
+        return {"action": "store_true"}
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"nargs": "+", "type": args[0]}
+        if args == (int, int):
+            return {"type": parse_block_indices, "metavar": "START:END"}
+    if hint in (int, float, str):
+        return {"type": hint}
+    raise TypeError(f"no command-line form for {config_cls.__name__}.{f.name}: {hint}")
+
+
+def _hint(config_cls: type, f: Field) -> Any:
+    return _type_hints(config_cls)[f.name]
+
+
+@functools.cache
+def _type_hints(config_cls: type) -> dict[str, Any]:
+    return get_type_hints(config_cls)
+
+
+def _strip_optional(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise TypeError(f"field {f.name} needs a default to become a flag")
+
+
+def _default_model() -> str:
+    return next(f for f in fields(ServerConfig) if f.name == "model").default
+
+
+def _pick_model(positional: str | None, flag: str | None) -> str | None:
+    if positional and flag and positional != flag:
+        raise ConfigError(
+            f"MODEL {positional!r} and --converted_model_name_or_path {flag!r} conflict: give the model once"
+        )
+    return positional or flag

@@ -1,0 +1,19 @@
+"""What ``corolla serve`` resolved before start-up: the model on disk and where/how to run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    model_path: Path
+    model_name: str
+    model_config: PretrainedConfig
+    architecture: str
+    device: torch.device
+    dtype: torch.dtype

@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from corolla.cli.args import SERVER_GROUPS, parse_block_indices, parse_server_args, server_parser
+from corolla.cli.run_dht import parse_dht_args
+from corolla.config import LimitsConfig, NetworkConfig, ServerConfig
+from corolla.errors import ConfigError
+
+MADDR = "/ip4/127.0.0.1/tcp/31337/p2p/QmTzwLAhSupThNWuLL3RxyNBg3gxXAHkD3vEnGNLf6Z2XN"
+CONFLICTS = [
+    (["--initial_peers", MADDR, "--new_swarm"], "--initial_peers and --new_swarm conflict"),
+    (["--num_blocks", "2", "--block_indices", "0:2"], "--num_blocks and --block_indices conflict"),
+    (["--port", "4000", "--host_maddrs", "/ip4/0.0.0.0/tcp/4000"], "--port and --host_maddrs conflict"),
+    (
+        ["--port", "4000", "--public_ip", "1.2.3.4", "--announce_maddrs", "/ip4/1.2.3.4/tcp/4000"],
+        "--public_ip and --announce_maddrs conflict",
+    ),
+    (["model-a", "--converted_model_name_or_path", "model-b"], "MODEL 'model-a' and --converted_model"),
+]
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_server_args(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in [
+        "(default: smollm2-135m)",
+        "(default: 8192)",
+        "(default: 16384)",
+        "(default: auto)",
+        "(default: 60.0)",
+        "(default: all)",
+        "[env var: COROLLA_BLOCK_INDICES]",
+        "--config CONFIG_FILE",
+    ]:
+        assert text in out
+
+
+def test_every_config_field_is_a_flag() -> None:
+    exposed = {f.name for group in SERVER_GROUPS for f in group.fields()}
+    expected = {
+        f.name
+        for cls in (ServerConfig, NetworkConfig, LimitsConfig)
+        for f in fields(cls)
+        if f.name not in ("network", "limits")
+    }
+    assert exposed == expected
+
+
+def test_no_flags_give_the_dataclass_defaults() -> None:
+    assert parse_server_args([]) == ServerConfig()
+
+
+def test_flags_fill_nested_configs() -> None:
+    config = parse_server_args(
+        ["tiny", "--block_indices", "1:3", "--initial_peers", MADDR, MADDR, "--attn_cache_tokens", "64"]
+    )
+    assert config.model == "tiny"
+    assert config.block_indices == (1, 3)
+    assert config.network.initial_peers == (MADDR, MADDR)
+    assert config.limits.attn_cache_tokens == 64
+
+
+def test_model_flag_and_positional_agree() -> None:
+    assert parse_server_args(["--converted_model_name_or_path", "m"]).model == "m"
+    assert parse_server_args(["m", "--converted_model_name_or_path", "m"]).model == "m"
+
+
+@pytest.mark.parametrize(("argv", "message"), CONFLICTS)
+def test_conflicting_pairs_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_server_args(argv)
+
+
+@pytest.mark.parametrize("text", ["2-4", "a:b", "3", ":4", "1:2:3"])
+def test_bad_block_indices_syntax(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"--block_indices: expected START:END"):
+        parse_server_args(["--block_indices", text])
+
+
+@pytest.mark.parametrize("text", ["5:5", "4:2"])
+def test_empty_block_indices(text: str) -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        parse_server_args(["--block_indices", text])
+
+
+def test_parse_block_indices_allows_spaces() -> None:
+    assert parse_block_indices(" 0 : 16 ") == (0, 16)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "abc"],
+        ["--no_such_flag"],
+        ["--initial_peers"],
+        ["--port", "70000"],
+        ["--max_batch_size", "0"],
+    ],
+)
+def test_argparse_errors_become_config_errors(argv: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        parse_server_args(argv)
+
+
+def test_yaml_config_file_sets_flags(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yml"
+    path.write_text(
+        "converted_model_name_or_path: from-yaml\n"
+        'block_indices: "10:20"\n'
+        "new_swarm: true\n"
+        "public_name: yaml server\n"
+        "host_maddrs: [/ip4/127.0.0.1/tcp/0, /ip6/::1/tcp/0]\n"
+        "step_timeout: 7.5\n"
+    )
+    config = parse_server_args(["--config", str(path), "--public_name", "cli wins"])
+    assert config.model == "from-yaml"
+    assert config.block_indices == (10, 20)
+    assert config.network.new_swarm is True
+    assert config.network.host_maddrs == ("/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0")
+    assert config.limits.step_timeout == 7.5
+    assert config.public_name == "cli wins"
+
+
+def test_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yml"
+    path.write_text("num_blokcs: 3\n")
+    with pytest.raises(ConfigError, match="num_blokcs"):
+        parse_server_args(["--config", str(path)])
+
+
+def test_missing_config_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yml"):
+        parse_server_args(["--config", str(tmp_path / "nope.yml")])
+
+
+def test_env_vars_set_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COROLLA_NUM_BLOCKS", "3")
+    monkeypatch.setenv("COROLLA_NEW_SWARM", "true")
+    monkeypatch.setenv("COROLLA_HOST_MADDRS", "[/ip4/127.0.0.1/tcp/0, /ip4/127.0.0.1/tcp/1]")
+    monkeypatch.setenv("COROLLA_CONVERTED_MODEL_NAME_OR_PATH", "from-env")
+    config = parse_server_args(["--new_swarm"])
+    assert config.num_blocks == 3
+    assert config.network.new_swarm is True
+    assert config.network.host_maddrs == ("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/1")
+    assert config.model == "from-env"
+
+
+def test_command_line_beats_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COROLLA_NUM_BLOCKS", "3")
+    assert parse_server_args(["--num_blocks", "5"]).num_blocks == 5
+
+
+def test_bad_env_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COROLLA_NEW_SWARM", "maybe")
+    with pytest.raises(ConfigError, match="COROLLA_NEW_SWARM"):
+        parse_server_args([])
+
+
+def test_server_parser_prog() -> None:
+    assert server_parser().prog == "corolla serve"
+
+
+def test_dht_takes_only_network_flags() -> None:
+    assert parse_dht_args(["--new_swarm", "--identity_path", "id.key"]) == NetworkConfig(
+        new_swarm=True, identity_path="id.key"
+    )
+    with pytest.raises(ConfigError, match="--num_blocks"):
+        parse_dht_args(["--num_blocks", "2"])
+    with pytest.raises(ConfigError, match="conflict"):
+        parse_dht_args(["--new_swarm", "--initial_peers", MADDR])

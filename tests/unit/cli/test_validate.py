@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from corolla.cli.validate import check_server_config
+from corolla.config import ServerConfig
+from corolla.errors import ConfigError, DeviceUnavailable, ModelNotFound, UnsupportedModel
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+def serve(model: Path | str, **overrides: object) -> ServerConfig:
+    return ServerConfig(model=str(model), device="cpu", **overrides)  # type: ignore[arg-type]
+
+
+def test_a_valid_model_resolves_once(tiny_llama_dir: Path) -> None:
+    resolved = check_server_config(serve(tiny_llama_dir, block_indices=(1, 4)))
+    assert resolved.model_path.resolve() == tiny_llama_dir.resolve()
+    assert resolved.model_config.num_hidden_layers == 4
+    assert resolved.architecture == "LlamaForCausalLM"
+    assert (resolved.device, resolved.dtype) == (torch.device("cpu"), torch.float32)
+
+
+def test_explicit_dtype_wins(tiny_llama_dir: Path) -> None:
+    assert check_server_config(serve(tiny_llama_dir, torch_dtype="bfloat16")).dtype == torch.bfloat16
+
+
+@no_cuda
+def test_cuda_without_cuda_is_refused(tiny_llama_dir: Path) -> None:
+    with pytest.raises(DeviceUnavailable, match="--device cuda: torch"):
+        check_server_config(ServerConfig(model=str(tiny_llama_dir), device="cuda"))
+
+
+def test_float16_on_cpu_is_refused_before_the_model(tmp_path: Path) -> None:
+    with pytest.raises(DeviceUnavailable, match="float16 is not supported on CPU"):
+        check_server_config(serve(tmp_path / "missing", torch_dtype="float16"))
+
+
+def test_float16_checkpoint_runs_in_float32_on_cpu(
+    tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "fp16"
+    shutil.copytree(tiny_llama_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    with caplog.at_level(logging.WARNING):
+        assert check_server_config(serve(path)).dtype == torch.float32
+    assert "using float32" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"block_indices": (0, 999)}, "--block_indices 0:999 is outside the model: .* has 4 blocks"),
+        ({"block_indices": (4, 5)}, "--block_indices 4:5 is outside the model"),
+        ({"num_blocks": 5}, "--num_blocks 5 is more than the 4 blocks"),
+    ],
+)
+def test_blocks_outside_the_model_are_refused(tiny_llama_dir: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_server_config(serve(tiny_llama_dir, **overrides))
+
+
+def test_missing_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="no-such-model"):
+        check_server_config(serve(tmp_path / "no-such-model"))
+
+
+def test_unsupported_architecture_lists_the_supported_ones(gpt2_dir: Path) -> None:
+    with pytest.raises(
+        UnsupportedModel, match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM"
+    ):
+        check_server_config(serve(gpt2_dir))

@@ -50,7 +50,8 @@ class NetworkConfig:
     )
     new_swarm: bool = field(default=False, metadata=_help("start a new private swarm"))
     port: int | None = field(
-        default=None, metadata=_help("TCP port to listen on (0.0.0.0); positive; conflicts with --host_maddrs")
+        default=None,
+        metadata=_help("TCP port to listen on (0.0.0.0); positive; conflicts with --host_maddrs"),
     )
     host_maddrs: tuple[str, ...] = field(
         default=(), metadata=_help("multiaddrs to listen on (default: /ip4/0.0.0.0/tcp/0)")
@@ -75,6 +76,12 @@ class NetworkConfig:
             raise ConfigError("--public_ip and --announce_maddrs conflict: put the IP in --announce_maddrs")
         if self.public_ip is not None and self.port is None:
             raise ConfigError("--public_ip needs --port (the port that others can reach)")
+        for maddr in self.initial_peers:
+            if not maddr.startswith("/") or "/p2p/" not in maddr:
+                raise ConfigError(
+                    f"--initial_peers {maddr!r} is not a full multiaddr; "
+                    "expected /ip4/ADDR/tcp/PORT/p2p/PEER_ID as printed by a running peer"
+                )
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
 
@@ -106,9 +113,7 @@ class LimitsConfig:
         default=16384,
         metadata=_help("attention (KV) cache budget of all sessions together, in tokens per block; positive"),
     )
-    request_timeout: float = field(
-        default=180.0, metadata=_help("seconds one RPC may take; positive")
-    )
+    request_timeout: float = field(default=180.0, metadata=_help("seconds one RPC may take; positive"))
     session_timeout: float = field(
         default=1800.0, metadata=_help("seconds one inference session may last; positive")
     )
@@ -155,7 +160,8 @@ class ServerConfig:
         default=60.0, metadata=_help("seconds between re-announcements in the DHT; positive")
     )
     expiration: float | None = field(
-        default=None, metadata=_help("seconds a DHT record lives (default: max(2 x update_period, 60)); positive")
+        default=None,
+        metadata=_help("seconds a DHT record lives (default: max(2 x update_period, 60)); positive"),
     )
     network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -171,9 +177,13 @@ class ServerConfig:
                     f"--block_indices {start}:{end} is empty or negative; use START:END with 0 <= START < END"
                 )
         if self.device.split(":")[0] not in DEVICES:
-            raise ConfigError(f"--device {self.device!r} is unknown; use one of {', '.join(DEVICES)} or cuda:N")
+            raise ConfigError(
+                f"--device {self.device!r} is unknown; use one of {', '.join(DEVICES)} or cuda:N"
+            )
         if self.torch_dtype not in DTYPES:
-            raise ConfigError(f"--torch_dtype {self.torch_dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+            raise ConfigError(
+                f"--torch_dtype {self.torch_dtype!r} is unknown; use one of {', '.join(DTYPES)}"
+            )
 
     @property
     def record_expiration(self) -> float:

@@ -52,6 +52,10 @@ class BadRequest(CorollaError):
     """A request from a peer is malformed or exceeds the server's limits."""
 
 
+class SwarmUnavailable(CorollaError):
+    """The DHT cannot be reached (bad initial peers, or the local DHT process is gone)."""
+
+
 class ServerUnavailable(CorollaError):
     """A server did not answer in time or closed the connection."""
 

@@ -24,8 +24,9 @@ class ServerSpan:
 BlockRecords = list[dict[str, ServerInfo]]  # per block index: peer id -> record
 
 
-def spans_from_records(block_records: BlockRecords, *, states: tuple[ServerState, ...] = (ServerState.ONLINE,)
-                       ) -> list[ServerSpan]:
+def spans_from_records(
+    block_records: BlockRecords, *, states: tuple[ServerState, ...] = (ServerState.ONLINE,)
+) -> list[ServerSpan]:
     """One span per server in ``states``: the longest run of consecutive blocks listed under one
     and the same record of that server (a restarted server may leave stale records elsewhere)."""
     listed: dict[tuple[str, ServerInfo], list[int]] = {}

@@ -18,8 +18,15 @@ def tiny_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (6 blocks, grouped-query attention, fp32, seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_BLOCKS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_BLOCKS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_gqa")
     LlamaForCausalLM(config).eval().save_pretrained(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corolla.cli.local_swarm import LocalServer, start_swarm
+from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 
 pytestmark = pytest.mark.slow
@@ -19,8 +19,9 @@ QUESTION = "What is the capital of France?"
 
 
 def corolla(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corolla.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "corolla.cli.main", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +35,23 @@ def builtin_dir() -> Path:
 def two_servers(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalServer]]:
     servers = start_swarm(BUILTIN_MODEL, [(0, 15), (15, 30)], log_dir=tmp_path_factory.mktemp("builtin"))
     yield servers
-    for server in servers:
-        server.stop()
+    stop_all(servers)
 
 
-def test_generate_answers_paris_with_the_local_token_ids(two_servers: list[LocalServer], builtin_dir: Path
-                                                         ) -> None:
+def test_generate_answers_paris_with_the_local_token_ids(
+    two_servers: list[LocalServer], builtin_dir: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    result = corolla("generate", QUESTION, "--initial_peers", two_servers[0].maddr or "", "--json",
-                     "--max_new_tokens", "24")
+    result = corolla(
+        "generate",
+        QUESTION,
+        "--initial_peers",
+        two_servers[0].maddr or "",
+        "--json",
+        "--max_new_tokens",
+        "24",
+    )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert "Paris" in answer["text"]
@@ -53,11 +61,13 @@ def test_generate_answers_paris_with_the_local_token_ids(two_servers: list[Local
     prompt_ids = torch.tensor([answer["prompt_ids"]])
     with torch.no_grad():
         expected = local.generate(prompt_ids, max_new_tokens=24, do_sample=False)
-    assert answer["token_ids"] == expected[0, prompt_ids.shape[1]:].tolist()
+    assert answer["token_ids"] == expected[0, prompt_ids.shape[1] :].tolist()
 
 
 def test_generate_streams_the_answer_to_the_terminal(two_servers: list[LocalServer]) -> None:
-    result = corolla("generate", QUESTION, "--initial_peers", two_servers[0].maddr or "", "--max_new_tokens", "24")
+    result = corolla(
+        "generate", QUESTION, "--initial_peers", two_servers[0].maddr or "", "--max_new_tokens", "24"
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm
+from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 
 SPLITS = {
     "one": [(0, 6)],
@@ -19,25 +19,31 @@ SPLITS = {
 
 
 @pytest.fixture(scope="module")
-def swarm(tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[str]:
+def swarm(
+    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """All three layouts in one swarm, each under its own DHT prefix."""
     log_dir = tmp_path_factory.mktemp("exactness")
     servers: list[LocalServer] = []
     try:
         for prefix, splits in SPLITS.items():
-            servers += start_swarm(str(tiny_gqa_dir), splits, initial_peers=[dht_peer.maddr or ""],
-                                   extra_args=["--dht_prefix", prefix], log_dir=log_dir)
+            servers += start_swarm(
+                str(tiny_gqa_dir),
+                splits,
+                initial_peers=[dht_peer.maddr or ""],
+                extra_args=["--dht_prefix", prefix],
+                log_dir=log_dir,
+            )
         yield dht_peer.maddr or ""
     finally:
-        for server in servers:
-            server.stop()
+        stop_all(servers)
 
 
 @pytest.fixture(scope="module", params=list(SPLITS))
 def remote_model(request: pytest.FixtureRequest, swarm: str, tiny_gqa_dir: Path):  # type: ignore[no-untyped-def]
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_gqa_dir), initial_peers=[swarm],
-                                                            dht_prefix=request.param)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_gqa_dir), initial_peers=[swarm], dht_prefix=request.param
+    )
     yield model
     model.manager.shutdown()
 
@@ -73,7 +79,7 @@ def test_second_generate_continues_the_session(remote_model, local_model) -> Non
         answer2 = remote_model.generate(follow_up, max_new_tokens=8, do_sample=False, session=session)
         history = torch.cat([answer1, follow_up], dim=1)
         expected = local_model.generate(history, max_new_tokens=8, do_sample=False)
-    assert torch.equal(answer2, expected[:, answer1.shape[1]:])
+    assert torch.equal(answer2, expected[:, answer1.shape[1] :])
     assert session.closed
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm
+from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
 from corolla.errors import AllocationFailed
 from corolla.runtime.loader import parameter_bytes
@@ -19,20 +19,25 @@ CACHE_TOKENS = 64  # per block: room for one 40-token session, not for a second 
 
 
 @pytest.fixture(scope="module")
-def half_server(tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[LocalServer]:
-    servers = start_swarm(str(tiny_gqa_dir), [(0, 3), (3, 6)], initial_peers=[dht_peer.maddr or ""],
-                          extra_args=["--dht_prefix", "budget", "--attn_cache_tokens", str(CACHE_TOKENS)],
-                          log_dir=tmp_path_factory.mktemp("lifecycle"))
+def half_server(
+    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    servers = start_swarm(
+        str(tiny_gqa_dir),
+        [(0, 3), (3, 6)],
+        initial_peers=[dht_peer.maddr or ""],
+        extra_args=["--dht_prefix", "budget", "--attn_cache_tokens", str(CACHE_TOKENS)],
+        log_dir=tmp_path_factory.mktemp("lifecycle"),
+    )
     yield servers[0]
-    for server in servers:
-        server.stop()
+    stop_all(servers)
 
 
 @pytest.fixture(scope="module")
 def client(half_server: LocalServer, dht_peer: LocalServer, tiny_gqa_dir: Path):  # type: ignore[no-untyped-def]
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_gqa_dir), initial_peers=[dht_peer.maddr],
-                                                            dht_prefix="budget")
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr], dht_prefix="budget"
+    )
     yield model
     model.manager.shutdown()
 
@@ -53,19 +58,28 @@ def test_session_over_the_cache_budget_is_refused_and_others_go_on(client, local
         expected = local_model.generate(ids, max_new_tokens=24, do_sample=False)
         with client.inference_session(max_length=40) as first:
             part1 = client.generate(ids, max_new_tokens=12, do_sample=False, session=first)
-            with pytest.raises(AllocationFailed, match="attention cache cannot hold"), \
-                    client.inference_session(max_length=40) as second:
+            with (
+                pytest.raises(AllocationFailed, match="attention cache cannot hold"),
+                client.inference_session(max_length=40) as second,
+            ):
                 client.generate(ids, max_new_tokens=4, do_sample=False, session=second)
             part2 = client.generate(ids[:, :0], max_new_tokens=12, do_sample=False, session=first)
     assert torch.equal(torch.cat([part1, part2], dim=1), expected)
 
 
-def test_sigterm_uncovers_the_blocks_and_exits_within_5_seconds(tiny_gqa_dir: Path, dht_peer: LocalServer,
-                                                               tmp_path: Path) -> None:
-    (server,) = start_swarm(str(tiny_gqa_dir), [(0, 6)], initial_peers=[dht_peer.maddr or ""],
-                            extra_args=["--dht_prefix", "sigterm"], log_dir=tmp_path)
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_gqa_dir), initial_peers=[dht_peer.maddr],
-                                                            dht_prefix="sigterm")
+def test_sigterm_uncovers_the_blocks_and_exits_within_5_seconds(
+    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path: Path
+) -> None:
+    (server,) = start_swarm(
+        str(tiny_gqa_dir),
+        [(0, 6)],
+        initial_peers=[dht_peer.maddr or ""],
+        extra_args=["--dht_prefix", "sigterm"],
+        log_dir=tmp_path,
+    )
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr], dht_prefix="sigterm"
+    )
     try:
         assert [s.peer_id for s in model.manager.spans(refresh=True)] == [model.manager.route()[0].peer_id]
         t0 = time.monotonic()

@@ -19,8 +19,9 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="what to ask the model")
     p.add_argument("--max_new_tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
-    from corolla.cli.local_swarm import start_swarm
+    from corolla.cli.local_swarm import start_swarm, stop_all
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.resolve import resolve_model
 
@@ -41,13 +42,15 @@ def run(args: argparse.Namespace) -> None:
     half = num_blocks // 2
     print(f"Starting two servers: blocks 0:{half} and {half}:{num_blocks} ...", flush=True)
     t0 = time.monotonic()
-    servers = start_swarm(BUILTIN_MODEL, [(0, half), (half, num_blocks)],
-                          extra_args=["--cache_dir", args.cache_dir])
+    servers = start_swarm(
+        BUILTIN_MODEL, [(0, half), (half, num_blocks)], extra_args=["--cache_dir", args.cache_dir]
+    )
     try:
         print(f"Swarm ready in {time.monotonic() - t0:.1f} s; logs: {servers[0].log_path.parent}", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            BUILTIN_MODEL, initial_peers=[servers[0].maddr or ""], cache_dir=args.cache_dir)
+            BUILTIN_MODEL, initial_peers=[servers[0].maddr or ""], cache_dir=args.cache_dir
+        )
         input_ids = encode_prompt(tokenizer, args.prompt, use_chat_template=True)
         print(f"\nUser: {args.prompt}\nAssistant: ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -60,8 +63,7 @@ def run(args: argparse.Namespace) -> None:
         model.manager.shutdown()
     finally:
         print("Shutting the swarm down...", flush=True)
-        for server in servers:
-            server.stop()
+        stop_all(servers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

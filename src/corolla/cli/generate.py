@@ -16,9 +16,12 @@ PROG = "corolla generate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default=BUILTIN_MODEL, help="model name or path (as given to corolla serve)")
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "model", nargs="?", default=BUILTIN_MODEL, help="model name or path (as given to corolla serve)"
+    )
     p.add_argument("prompt", help="what to ask; the model's chat template is applied when it has one")
     p.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
     p.add_argument("--dht_prefix", default=None, help="the model's name in the DHT (default: from the model)")
@@ -27,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--no_chat_template", action="store_true", help="send the prompt as plain text")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, token_ids, route) instead of streaming text")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, token_ids, route) instead of streaming text",
+    )
     p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     return p
 
@@ -36,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 def encode_prompt(tokenizer, prompt: str, use_chat_template: bool):  # type: ignore[no-untyped-def]
     """Token ids [1, n] of the prompt, chat-formatted when the tokenizer has a template."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tokenizer(prompt, return_tensors="pt").input_ids
 
@@ -51,21 +58,32 @@ def run(args: argparse.Namespace) -> None:
 
     path = resolve_model(args.model, args.cache_dir).path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                            dht_prefix=args.dht_prefix, cache_dir=args.cache_dir)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, cache_dir=args.cache_dir
+    )
     input_ids = encode_prompt(tokenizer, args.prompt, not args.no_chat_template)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+        if args.temperature > 0
         else {"do_sample": False}
+    )
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad(), model.inference_session(max_length=input_ids.shape[1] + args.max_new_tokens) as session:
+    with (
+        torch.no_grad(),
+        model.inference_session(max_length=input_ids.shape[1] + args.max_new_tokens) as session,
+    ):
         output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
         route = [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in session.route]
-    new_ids = output[0, input_ids.shape[1]:].tolist()
+    new_ids = output[0, input_ids.shape[1] :].tolist()
     if args.json:
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        print(json.dumps({"text": text, "token_ids": new_ids, "prompt_ids": input_ids[0].tolist(), "route": route}))
+        print(
+            json.dumps(
+                {"text": text, "token_ids": new_ids, "prompt_ids": input_ids[0].tolist(), "route": route}
+            )
+        )
     model.manager.shutdown()
 
 

@@ -27,8 +27,15 @@ class LocalServer:
 
     Ready once it prints its join line (``--initial_peers MADDR``) on stdout."""
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 name: str = "server", module: str = "corolla.cli.run_server") -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        name: str = "server",
+        module: str = "corolla.cli.run_server",
+    ) -> None:
         self.args = list(args)
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="corolla-"))
         self.log_path = log_dir / f"{name}.log"
@@ -38,8 +45,13 @@ class LocalServer:
         self.started_at = time.monotonic()
         self.ready_after: float | None = None
         cmd = [sys.executable, "-m", module, *self.args]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        )
         threading.Thread(target=self._watch_stdout, daemon=True).start()
 
     def _watch_stdout(self) -> None:
@@ -84,9 +96,15 @@ class LocalServer:
         return self.process.returncode
 
 
-def start_swarm(model: str, splits: Sequence[tuple[int, int]], *, extra_args: Sequence[str] = (),
-                initial_peers: Sequence[str] = (), log_dir: Path | None = None, env: dict[str, str] | None = None,
-                ) -> list[LocalServer]:
+def start_swarm(
+    model: str,
+    splits: Sequence[tuple[int, int]],
+    *,
+    extra_args: Sequence[str] = (),
+    initial_peers: Sequence[str] = (),
+    log_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> list[LocalServer]:
     """Start one server per ``(start, end)`` span on loopback: the first one (unless
     ``initial_peers`` is given) starts a new swarm, the others join it; all start together."""
     servers: list[LocalServer] = []
@@ -94,15 +112,22 @@ def start_swarm(model: str, splits: Sequence[tuple[int, int]], *, extra_args: Se
         peers = list(initial_peers)
         for i, (start, end) in enumerate(splits):
             swarm = ["--initial_peers", *peers] if peers else ["--new_swarm"]
-            args = [model, "--block_indices", f"{start}:{end}", "--host_maddrs", LOOPBACK, *swarm, *extra_args]
+            args = [
+                model,
+                "--block_indices",
+                f"{start}:{end}",
+                "--host_maddrs",
+                LOOPBACK,
+                *swarm,
+                *extra_args,
+            ]
             servers.append(LocalServer(args, env=env, log_dir=log_dir, name=f"server{i}-{start}-{end}"))
             if not peers:
                 peers = [servers[0].wait_ready()]
         for server in servers:
             server.wait_ready()
     except BaseException:
-        for server in servers:
-            server.stop()
+        stop_all(servers)
         raise
     return servers
 
@@ -112,3 +137,11 @@ def start_dht_peer(*, log_dir: Path | None = None) -> LocalServer:
     peer = LocalServer(["--host_maddrs", LOOPBACK], log_dir=log_dir, name="dht", module="corolla.cli.run_dht")
     peer.wait_ready()
     return peer
+
+
+def stop_all(servers: Sequence[LocalServer]) -> None:
+    """SIGTERM every server at once, then wait for each (shutdowns overlap)."""
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.stop()

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 class SequenceManager:
     """Finds servers for a model's blocks; owns the client's DHT peer and P2P handle."""
 
-    def __init__(self, config: ClientConfig, dht_prefix: str, num_blocks: int, dht: DHT | None = None) -> None:
+    def __init__(
+        self, config: ClientConfig, dht_prefix: str, num_blocks: int, dht: DHT | None = None
+    ) -> None:
         self.config, self.dht_prefix, self.num_blocks = config, dht_prefix, num_blocks
         self._own_dht = dht is None
         self.dht = dht or start_dht(NetworkConfig(initial_peers=config.initial_peers), client_mode=True)
@@ -41,7 +43,9 @@ class SequenceManager:
             self._updated = time.monotonic()
         return self._spans
 
-    def route(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()) -> list[Hop]:
+    def route(
+        self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()
+    ) -> list[Hop]:
         """A chain of ONLINE servers for blocks ``start..end-1``, waiting a bounded time for missing ones."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.config.max_wait_for_blocks

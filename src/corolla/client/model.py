@@ -35,8 +35,9 @@ class DistributedLlamaForCausalLM(LlamaForCausalLM):
     manager: SequenceManager
 
     @classmethod
-    def from_swarm(cls, model_dir: Path, config: PretrainedConfig, manager: SequenceManager
-                   ) -> DistributedLlamaForCausalLM:
+    def from_swarm(
+        cls, model_dir: Path, config: PretrainedConfig, manager: SequenceManager
+    ) -> DistributedLlamaForCausalLM:
         with torch.device("meta"):
             model = cls(config)
         model.model.layers = nn.ModuleList()  # the decoder blocks are remote
@@ -87,8 +88,9 @@ class DistributedLlamaForCausalLM(LlamaForCausalLM):
 
     # --- transformers hooks -------------------------------------------------------------------
 
-    def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,
-                 **kwargs: Any) -> Any:
+    def generate(
+        self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs: Any
+    ) -> Any:
         """``transformers`` generate; with ``session`` the prompt continues that session's history
         and the servers keep the cache. Returns ``inputs`` + new tokens, as transformers does."""
         session = session or self._default_session
@@ -106,8 +108,8 @@ class DistributedLlamaForCausalLM(LlamaForCausalLM):
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         session.token_ids = sequences
         if isinstance(out, torch.Tensor):
-            return sequences[:, history.shape[1]:]
-        out.sequences = sequences[:, history.shape[1]:]
+            return sequences[:, history.shape[1] :]
+        out.sequences = sequences[:, history.shape[1] :]
         return out
 
     def _max_length(self, inputs: torch.Tensor, kwargs: dict[str, Any]) -> int:
@@ -125,9 +127,15 @@ class DistributedLlamaForCausalLM(LlamaForCausalLM):
         start = session.position if session is not None else 0
         return {"input_ids": input_ids[:, start:], "use_cache": False}
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         if self._active_session is not None:
@@ -148,10 +156,15 @@ class AutoDistributedModelForCausalLM:
     """``AutoDistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])``."""
 
     @staticmethod
-    def from_pretrained(model_name_or_path: str, *, initial_peers: list[str] | tuple[str, ...] = (),
-                        dht_prefix: str | None = None, cache_dir: str | None = None,
-                        client_config: ClientConfig | None = None, dht: Any = None
-                        ) -> DistributedLlamaForCausalLM:
+    def from_pretrained(
+        model_name_or_path: str,
+        *,
+        initial_peers: list[str] | tuple[str, ...] = (),
+        dht_prefix: str | None = None,
+        cache_dir: str | None = None,
+        client_config: ClientConfig | None = None,
+        dht: Any = None,
+    ) -> DistributedLlamaForCausalLM:
         resolved = resolve_model(model_name_or_path, cache_dir or default_cache_dir())
         config = AutoConfig.from_pretrained(resolved.path)
         arch = check_supported(config)

@@ -16,8 +16,9 @@ class Hop:
     end: int
 
 
-def make_route(spans: list[ServerSpan], start: int, end: int, *, banned: frozenset[str] = frozenset()
-               ) -> list[Hop] | None:
+def make_route(
+    spans: list[ServerSpan], start: int, end: int, *, banned: frozenset[str] = frozenset()
+) -> list[Hop] | None:
     """Fewest hops first: from each position take the server reaching furthest (ties: higher
     throughput, then peer id). ``None`` when some block has no usable server."""
     usable = [s for s in spans if s.peer_id not in banned]

@@ -21,13 +21,15 @@ def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tens
         hop = manager.route(position, banned=frozenset(banned))[0]
         timeout = manager.config.request_timeout
         try:
-            hidden = manager.loop.run(call_forward(manager.p2p, manager.peer(hop), hop.start, hop.end, hidden),
-                                      timeout=timeout)
+            hidden = manager.loop.run(
+                call_forward(manager.p2p, manager.peer(hop), hop.start, hop.end, hidden), timeout=timeout
+            )
         except ServerUnavailable as e:
             if len(banned) >= manager.config.max_retries:
                 raise
-            logger.warning("server ...%s failed (%s); re-routing blocks %d:%d", hop.peer_id[-8:], e,
-                           hop.start, hop.end)
+            logger.warning(
+                "server ...%s failed (%s); re-routing blocks %d:%d", hop.peer_id[-8:], e, hop.start, hop.end
+            )
             banned.add(hop.peer_id)
             continue
         position = hop.end

@@ -5,6 +5,7 @@ blocks it held are re-routed to other servers and the history is replayed there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -49,8 +50,10 @@ class InferenceSession:
         if self.closed:
             raise CorollaError("this inference session is closed; open a new one")
         if self.position + hidden.shape[1] > self.max_length:
-            raise CorollaError(f"the session's max_length {self.max_length} would be exceeded; "
-                               "open a session with a larger max_length")
+            raise CorollaError(
+                f"the session's max_length {self.max_length} would be exceeded; "
+                "open a session with a larger max_length"
+            )
         if not self._hops:
             self._hops = self._open(0, self.manager.num_blocks)
         i = 0
@@ -73,16 +76,33 @@ class InferenceSession:
 
     def _open(self, start: int, end: int) -> list[_HopStream]:
         route = self.manager.route(start, end, banned=frozenset(self._banned))
-        return [_HopStream(hop, InferenceStream(self.manager.p2p, self.manager.peer(hop), hop.start, hop.end,
-                                                self.max_length, self.batch_size)) for hop in route]
+        return [
+            _HopStream(
+                hop,
+                InferenceStream(
+                    self.manager.p2p,
+                    self.manager.peer(hop),
+                    hop.start,
+                    hop.end,
+                    self.max_length,
+                    self.batch_size,
+                ),
+            )
+            for hop in route
+        ]
 
     def _replace(self, index: int, error: Exception) -> None:
         """Route around a failed hop and replay its history on the replacement servers."""
         failed = self._hops[index]
         if len(self._banned) >= self.manager.config.max_retries * max(1, len(self._hops)):
             raise error
-        logger.warning("server ...%s failed (%s); re-routing blocks %d:%d", failed.hop.peer_id[-8:], error,
-                       failed.hop.start, failed.hop.end)
+        logger.warning(
+            "server ...%s failed (%s); re-routing blocks %d:%d",
+            failed.hop.peer_id[-8:],
+            error,
+            failed.hop.start,
+            failed.hop.end,
+        )
         self._banned.add(failed.hop.peer_id)
         self._close_streams([failed])
         new_hops = self._open(failed.hop.start, failed.hop.end)
@@ -100,10 +120,8 @@ class InferenceSession:
 
     def _close_streams(self, hops: list[_HopStream]) -> None:
         for hop in hops:
-            try:
+            with contextlib.suppress(Exception):
                 self.manager.loop.run(hop.stream.close(), timeout=2)
-            except Exception:
-                pass
 
     def close(self) -> None:
         if not self.closed:

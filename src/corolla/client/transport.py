@@ -6,6 +6,7 @@ runs as a coroutine on one background loop and the caller waits with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -70,7 +71,10 @@ def _result(response: runtime_pb2.ExpertResponse, peer: str) -> tuple[torch.Tens
     reply = Reply.model_validate_json(response.metadata or b"{}")
     if reply.error is not None:
         cls = getattr(errors, reply.error.kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, errors.CorollaError)) or cls is errors.MissingBlocks:
+        if (
+            not (isinstance(cls, type) and issubclass(cls, errors.CorollaError))
+            or cls is errors.MissingBlocks
+        ):
             cls = RemoteError
         raise cls(f"server ...{peer[-8:]}: {reply.error.message}")
     if len(response.tensors) != 1:
@@ -78,22 +82,24 @@ def _result(response: runtime_pb2.ExpertResponse, peer: str) -> tuple[torch.Tens
     return codec.unpack(response.tensors[0]), reply
 
 
-async def call_forward(p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor
-                       ) -> torch.Tensor:
+async def call_forward(p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
     """Run blocks ``start..end-1`` of one server on a whole sequence, without a cache."""
 
     async def one_request() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield _request(ForwardRequest(start=start, end=end), hidden)
 
     try:
-        responses = await p2p.iterate_protobuf_handler(peer_id, RPC_FORWARD, one_request(),
-                                                       runtime_pb2.ExpertResponse)
+        responses = await p2p.iterate_protobuf_handler(
+            peer_id, RPC_FORWARD, one_request(), runtime_pb2.ExpertResponse
+        )
         async for response in responses:
             return _result(response, peer_id.to_base58())[0]
     except errors.CorollaError:
         raise
     except Exception as e:
-        raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}") from e
+        raise ServerUnavailable(
+            f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}"
+        ) from e
     raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} closed the stream without a reply")
 
 
@@ -103,14 +109,18 @@ async def call_info(p2p: P2P, peer_id: PeerID) -> ServerInfoReply:
     try:
         response = await p2p.call_protobuf_handler(peer_id, RPC_INFO, request, runtime_pb2.ExpertResponse)
     except Exception as e:
-        raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}") from e
+        raise ServerUnavailable(
+            f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}"
+        ) from e
     return ServerInfoReply.model_validate_json(response.metadata)
 
 
 class InferenceStream:
     """One open inference stream to one server: ``step`` sends hidden states, returns its output."""
 
-    def __init__(self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int) -> None:
+    def __init__(
+        self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int
+    ) -> None:
         self.p2p, self.peer_id = p2p, peer_id
         self.open_meta = InferenceOpen(start=start, end=end, max_length=max_length, batch_size=batch_size)
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
@@ -138,7 +148,9 @@ class InferenceStream:
             raise ServerUnavailable(f"server ...{self.peer[-8:]} closed the session") from None
         except TimeoutError:
             await self.close()
-            raise ServerUnavailable(f"server ...{self.peer[-8:]} did not answer a step within {timeout:.0f} s") from None
+            raise ServerUnavailable(
+                f"server ...{self.peer[-8:]} did not answer a step within {timeout:.0f} s"
+            ) from None
         except errors.CorollaError:
             raise
         except Exception as e:
@@ -151,7 +163,5 @@ class InferenceStream:
         self._outbox.put_nowait(None)
         if self._responses is not None:
             responses, self._responses = self._responses, None
-            try:
+            with contextlib.suppress(Exception):  # the stream is gone either way
                 await asyncio.wait_for(responses.aclose(), timeout=1.0)  # type: ignore[attr-defined]
-            except Exception:
-                pass  # the stream is gone either way

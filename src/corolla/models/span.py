@@ -29,8 +29,9 @@ def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCon
 class SpanModel(nn.Module):
     """Decoder layers ``start..end-1`` plus the rotary embedding they need."""
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList,
-                 rotary_emb: nn.Module) -> None:
+    def __init__(
+        self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary_emb: nn.Module
+    ) -> None:
         super().__init__()
         self.start, self.end = start, end
         self.config = span_config(config, start, end)
@@ -40,8 +41,14 @@ class SpanModel(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def forward(self, hidden: torch.Tensor, *, first: int = 0, last: int | None = None,
-                cache: DynamicCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        first: int = 0,
+        last: int | None = None,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
         """Run local layers ``first..last-1`` on ``hidden`` [batch, seq, hidden].
 
         With a ``cache``, positions continue from the cache's length and the cache grows;
@@ -49,12 +56,24 @@ class SpanModel(nn.Module):
         last = len(self.layers) if last is None else last
         past = cache.get_seq_length(first) if cache is not None else 0
         position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=cache, position_ids=position_ids, layer_idx=first)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=first,
+        )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers[first:last]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
-                           use_cache=cache is not None, position_embeddings=position_embeddings)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
         return hidden
 
 

@@ -30,14 +30,16 @@ class SpanBackend:
     def new_cache(self) -> DynamicCache:
         return self.span.new_cache()
 
-    async def run(self, hidden: torch.Tensor, start: int, end: int,
-                  cache: DynamicCache | None = None) -> torch.Tensor:
+    async def run(
+        self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache | None = None
+    ) -> torch.Tensor:
         """Blocks ``start..end-1`` (absolute indices) on ``hidden``; the result has ``hidden``'s dtype."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run_sync, hidden, start, end, cache)
 
-    def _run_sync(self, hidden: torch.Tensor, start: int, end: int,
-                  cache: DynamicCache | None) -> torch.Tensor:
+    def _run_sync(
+        self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache | None
+    ) -> torch.Tensor:
         with torch.inference_mode():
             x = hidden.to(device=self.device, dtype=self.dtype)
             y = self.span(x, first=start - self.start, last=end - self.start, cache=cache)

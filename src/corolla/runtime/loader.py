@@ -23,8 +23,10 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     try:
         return _weight_files(model_dir)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise ModelNotFound(f"cannot read the weights in {model_dir} ({type(e).__name__}: {e}); "
-                            "re-download or re-convert the model") from None
+        raise ModelNotFound(
+            f"cannot read the weights in {model_dir} ({type(e).__name__}: {e}); "
+            "re-download or re-convert the model"
+        ) from None
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -34,7 +36,9 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.exists():
-        raise ModelNotFound(f"{model_dir} has no model.safetensors or index; convert the model to safetensors")
+        raise ModelNotFound(
+            f"{model_dir} has no model.safetensors or index; convert the model to safetensors"
+        )
     with safe_open(single, framework="pt") as f:
         return dict.fromkeys(f.keys(), single)
 
@@ -51,8 +55,10 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
                 for name in file_names:
                     out[name] = f.get_tensor(name)
         except (OSError, ValueError, SafetensorError) as e:
-            raise ModelNotFound(f"cannot read weights from {path} ({type(e).__name__}: {e}); "
-                                "re-download or re-convert the model") from None
+            raise ModelNotFound(
+                f"cannot read weights from {path} ({type(e).__name__}: {e}); "
+                "re-download or re-convert the model"
+            ) from None
     return out
 
 
@@ -62,15 +68,22 @@ def span_state_dict(files: dict[str, Path], start: int, end: int) -> dict[str, t
     for name in files:
         if not name.startswith(LAYER_PREFIX):
             continue
-        index_str, _, rest = name[len(LAYER_PREFIX):].partition(".")
+        index_str, _, rest = name[len(LAYER_PREFIX) :].partition(".")
         if index_str.isdigit() and start <= int(index_str) < end:
             wanted[name] = f"layers.{int(index_str) - start}.{rest}"
     tensors = read_tensors(files, list(wanted))
     return {wanted[name]: t for name, t in tensors.items()}
 
 
-def load_span(model_dir: Path, config: PretrainedConfig, start: int, end: int, *,
-              dtype: torch.dtype, device: torch.device) -> SpanModel:
+def load_span(
+    model_dir: Path,
+    config: PretrainedConfig,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> SpanModel:
     """Build blocks ``start..end-1`` on meta, then materialise them from the checkpoint."""
     span = build_span_on_meta(config, start, end)
     state = span_state_dict(weight_files(model_dir), start, end)

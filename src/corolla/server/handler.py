@@ -46,7 +46,9 @@ def error_response(error: Exception) -> Response:
     if isinstance(error, CorollaError):
         info = ErrorInfo(kind=type(error).__name__, message=str(error))
     else:
-        info = ErrorInfo(kind="InternalError", message=f"internal server error: {type(error).__name__}: {error}")
+        info = ErrorInfo(
+            kind="InternalError", message=f"internal server error: {type(error).__name__}: {error}"
+        )
     return Response(metadata=encode(Reply(error=info)))
 
 
@@ -58,18 +60,27 @@ def tensor_response(tensor: torch.Tensor, position: int | None = None) -> Respon
 class Handler:
     """The server's RPCs over one span backend."""
 
-    def __init__(self, backend: SpanBackend, sessions: SessionTable, limits: LimitsConfig, *,
-                 dht_prefix: str, hidden_size: int) -> None:
+    def __init__(
+        self,
+        backend: SpanBackend,
+        sessions: SessionTable,
+        limits: LimitsConfig,
+        *,
+        dht_prefix: str,
+        hidden_size: int,
+    ) -> None:
         self.backend, self.sessions, self.limits = backend, sessions, limits
         self.dht_prefix, self.hidden_size = dht_prefix, hidden_size
         self.stopping = asyncio.Event()
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
-        await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, Request, stream_input=True,
-                                       stream_output=True)
-        await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, Request, stream_input=True,
-                                       stream_output=True)
+        await p2p.add_protobuf_handler(
+            RPC_FORWARD, self.rpc_forward, Request, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(
+            RPC_INFERENCE, self.rpc_inference, Request, stream_input=True, stream_output=True
+        )
 
     async def unregister(self, p2p: P2P) -> None:
         await p2p.remove_protobuf_handler(RPC_INFO)
@@ -84,16 +95,22 @@ class Handler:
         except CorollaError as e:
             return error_response(e)
         reply = ServerInfoReply(
-            version=__version__, dht_prefix=self.dht_prefix, start_block=self.backend.start,
-            end_block=self.backend.end, torch_dtype=str(self.backend.dtype).removeprefix("torch."),
-            max_batch_size=self.limits.max_batch_size, inference_max_length=self.limits.inference_max_length,
-            cache_tokens_left=self.sessions.budget.left, active_sessions=len(self.sessions),
+            version=__version__,
+            dht_prefix=self.dht_prefix,
+            start_block=self.backend.start,
+            end_block=self.backend.end,
+            torch_dtype=str(self.backend.dtype).removeprefix("torch."),
+            max_batch_size=self.limits.max_batch_size,
+            inference_max_length=self.limits.inference_max_length,
+            cache_tokens_left=self.sessions.budget.left,
+            active_sessions=len(self.sessions),
             weight_bytes=self.backend.weight_bytes,
         )
         return Response(metadata=reply.model_dump_json().encode())
 
-    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext
-                          ) -> AsyncIterator[Response]:
+    async def rpc_forward(
+        self, requests: AsyncIterator[Request], context: P2PContext
+    ) -> AsyncIterator[Response]:
         try:
             request = await self._next(requests, self.limits.request_timeout)
             if request is None:
@@ -101,14 +118,16 @@ class Handler:
             meta = decode(ForwardRequest, request.metadata)
             self._check_span(meta)
             hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
-            out = await asyncio.wait_for(self.backend.run(hidden, meta.start, meta.end),
-                                         self.limits.request_timeout)
+            out = await asyncio.wait_for(
+                self.backend.run(hidden, meta.start, meta.end), self.limits.request_timeout
+            )
             yield tensor_response(out)
         except Exception as e:
             yield self._report(e, "forward", context)
 
-    async def rpc_inference(self, requests: AsyncIterator[Request], context: P2PContext
-                            ) -> AsyncIterator[Response]:
+    async def rpc_inference(
+        self, requests: AsyncIterator[Request], context: P2PContext
+    ) -> AsyncIterator[Response]:
         session: Session | None = None
         try:
             request = await self._next(requests, self.limits.step_timeout)
@@ -123,8 +142,10 @@ class Handler:
                 if request is None:
                     return
                 if time.monotonic() > session.deadline:
-                    raise BadRequest(f"session exceeded the server's --session_timeout "
-                                     f"({self.limits.session_timeout:.0f} s); open a new session")
+                    raise BadRequest(
+                        f"session exceeded the server's --session_timeout "
+                        f"({self.limits.session_timeout:.0f} s); open a new session"
+                    )
                 step = decode(InferenceStep, request.metadata)
         except Exception as e:
             yield self._report(e, "inference", context)
@@ -140,11 +161,18 @@ class Handler:
         meta = step.open
         self._check_span(meta)
         if meta.max_length > self.limits.inference_max_length:
-            raise BadRequest(f"max_length {meta.max_length} exceeds this server's --inference_max_length "
-                             f"{self.limits.inference_max_length}")
-        return self.sessions.open(start=meta.start, end=meta.end, max_length=meta.max_length,
-                                  batch_size=meta.batch_size, cache=self.backend.new_cache(),
-                                  timeout=self.limits.session_timeout)
+            raise BadRequest(
+                f"max_length {meta.max_length} exceeds this server's --inference_max_length "
+                f"{self.limits.inference_max_length}"
+            )
+        return self.sessions.open(
+            start=meta.start,
+            end=meta.end,
+            max_length=meta.max_length,
+            batch_size=meta.batch_size,
+            cache=self.backend.new_cache(),
+            timeout=self.limits.session_timeout,
+        )
 
     async def _step(self, session: Session, request: Request, step: InferenceStep) -> Response:
         position = step.position
@@ -161,8 +189,9 @@ class Handler:
         next_task = asyncio.ensure_future(anext(requests, None))
         stop_task = asyncio.ensure_future(self.stopping.wait())
         try:
-            done, _ = await asyncio.wait({next_task, stop_task}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {next_task, stop_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stop_task.cancel()
         if next_task in done:
@@ -176,24 +205,31 @@ class Handler:
         if self.stopping.is_set():
             raise ServerUnavailable("the server is shutting down; retry with another server")
         if meta.protocol != SpanRequest.model_fields["protocol"].default:
-            raise BadRequest(f"protocol version {meta.protocol} is not supported by this server "
-                             f"(corolla {__version__}); upgrade the older side")
+            raise BadRequest(
+                f"protocol version {meta.protocol} is not supported by this server "
+                f"(corolla {__version__}); upgrade the older side"
+            )
         if not self.backend.start <= meta.start < meta.end <= self.backend.end:
-            raise BadRequest(f"blocks {meta.start}:{meta.end} are not inside this server's span "
-                             f"{self.backend.start}:{self.backend.end}")
+            raise BadRequest(
+                f"blocks {meta.start}:{meta.end} are not inside this server's span "
+                f"{self.backend.start}:{self.backend.end}"
+            )
 
     def _hidden_from(self, request: Request, *, max_tokens: int) -> torch.Tensor:
         if len(request.tensors) != 1:
             raise BadRequest(f"expected 1 tensor (hidden states), got {len(request.tensors)}")
         hidden = codec.unpack(request.tensors[0])
         if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size or 0 in hidden.shape:
-            raise BadRequest(f"hidden states must have shape [batch, seq, {self.hidden_size}], "
-                             f"got {list(hidden.shape)}")
+            raise BadRequest(
+                f"hidden states must have shape [batch, seq, {self.hidden_size}], got {list(hidden.shape)}"
+            )
         if not hidden.is_floating_point():
             raise BadRequest(f"hidden states must be floating point, got {hidden.dtype}")
         if hidden.shape[0] * hidden.shape[1] > max_tokens:
-            raise BadRequest(f"request has {hidden.shape[0] * hidden.shape[1]} tokens, more than this "
-                             f"server's --max_batch_size {max_tokens}; split it")
+            raise BadRequest(
+                f"request has {hidden.shape[0] * hidden.shape[1]} tokens, more than this "
+                f"server's --max_batch_size {max_tokens}; split it"
+            )
         return hidden
 
     def _report(self, error: Exception, rpc: str, context: P2PContext) -> Response:

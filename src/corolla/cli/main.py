@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dht": ("corolla.cli.run_dht", "run a bootstrap-only DHT peer and print its multiaddrs"),
     "generate": ("corolla.cli.generate", "stream an answer to a prompt through the swarm"),
     "demo": ("corolla.cli.demo", "start a private two-server swarm and chat through it"),
+    "swarm": ("corolla.cli.swarm_view", "show a swarm's servers and which blocks they cover"),
 }
 
 

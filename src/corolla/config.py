@@ -19,6 +19,7 @@ from corolla.errors import ConfigError
 BUILTIN_MODEL = "smollm2-135m"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+THROUGHPUT_MODES = ("auto", "eval", "dry_run")
 
 
 def default_cache_dir() -> str:
@@ -134,7 +135,7 @@ class ServerConfig:
         metadata=_help("local transformers directory, hub repo id (from the local cache) or built-in name"),
     )
     num_blocks: int | None = field(
-        default=None, metadata=_help("how many blocks to host (default: all); positive")
+        default=None, metadata=_help("how many blocks to host (default: as many as fit in memory); positive")
     )
     block_indices: tuple[int, int] | None = field(
         default=None, metadata=_help("exactly which blocks to host, as START:END (END exclusive)")
@@ -153,8 +154,22 @@ class ServerConfig:
     cache_dir: str = field(
         default_factory=default_cache_dir, metadata=_help("where converted models and caches live")
     )
-    throughput: float = field(
-        default=1.0, metadata=_help("throughput (requests/s) this server announces; positive")
+    throughput: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (cached measurement, measured once), eval (measure again), dry_run (measure, print, exit) "
+            "or a number of tokens/s to announce as is"
+        ),
+    )
+    mean_balance_check_period: float = field(
+        default=120.0,
+        metadata=_help("mean seconds between checks whether moving elsewhere would help the swarm; positive"),
+    )
+    balance_quality: float = field(
+        default=0.75,
+        metadata=_help(
+            "move when the swarm's bottleneck would improve beyond this factor (0: never, >1: always)"
+        ),
     )
     update_period: float = field(
         default=60.0, metadata=_help("seconds between re-announcements in the DHT; positive")
@@ -168,6 +183,18 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self)
+        if self.throughput not in THROUGHPUT_MODES:
+            try:
+                value = float(self.throughput)
+            except ValueError:
+                value = -1.0
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(
+                    f"--throughput {self.throughput!r} is not valid; "
+                    "use auto, eval, dry_run or a positive number"
+                )
+        if self.balance_quality < 0:
+            raise ConfigError(f"--balance_quality must be >= 0, got {self.balance_quality}")
         if self.num_blocks is not None and self.block_indices is not None:
             raise ConfigError("--num_blocks and --block_indices conflict: give one of them")
         if self.block_indices is not None:
@@ -184,6 +211,11 @@ class ServerConfig:
             raise ConfigError(
                 f"--torch_dtype {self.torch_dtype!r} is unknown; use one of {', '.join(DTYPES)}"
             )
+
+    @property
+    def fixed_throughput(self) -> float | None:
+        """The number given to --throughput, or None for auto/eval/dry_run."""
+        return None if self.throughput in THROUGHPUT_MODES else float(self.throughput)
 
     @property
     def record_expiration(self) -> float:

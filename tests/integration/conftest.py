@@ -46,3 +46,23 @@ def local_model(tiny_gqa_dir: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_gqa_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny30_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with 30 blocks (like the built-in model), for block-placement tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny30")
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    return path

@@ -62,7 +62,7 @@ def test_limits_must_be_positive(name: str, value: int) -> None:
         LimitsConfig(**{name: value})
 
 
-@pytest.mark.parametrize("name", ["num_blocks", "throughput", "update_period", "expiration"])
+@pytest.mark.parametrize("name", ["num_blocks", "update_period", "expiration", "mean_balance_check_period"])
 @pytest.mark.parametrize("value", [0, -2])
 def test_server_values_must_be_positive(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=rf"^--{name} must be positive, got {value}$"):
@@ -72,7 +72,24 @@ def test_server_values_must_be_positive(name: str, value: int) -> None:
 def test_small_positive_values_are_accepted() -> None:
     limits = LimitsConfig(max_batch_size=1, request_timeout=0.01)
     assert (limits.max_batch_size, limits.request_timeout) == (1, 0.01)
-    assert ServerConfig(num_blocks=1, throughput=0.001).num_blocks == 1
+    assert ServerConfig(num_blocks=1, throughput="0.001").fixed_throughput == 0.001
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "fast", "inf", "nan", ""])
+def test_throughput_must_be_a_mode_or_a_positive_number(value: str) -> None:
+    with pytest.raises(ConfigError, match="use auto, eval, dry_run or a positive number"):
+        ServerConfig(throughput=value)
+
+
+@pytest.mark.parametrize("mode", ["auto", "eval", "dry_run"])
+def test_throughput_modes_have_no_fixed_value(mode: str) -> None:
+    assert ServerConfig(throughput=mode).fixed_throughput is None
+
+
+def test_balance_quality_must_not_be_negative() -> None:
+    assert ServerConfig(balance_quality=0).balance_quality == 0
+    with pytest.raises(ConfigError, match="--balance_quality must be >= 0"):
+        ServerConfig(balance_quality=-0.5)
 
 
 def test_num_blocks_and_block_indices_conflict() -> None:
@@ -117,8 +134,8 @@ def test_configs_are_frozen() -> None:
 
 
 def test_replace_revalidates() -> None:
-    with pytest.raises(ConfigError, match="--throughput must be positive"):
-        dataclasses.replace(ServerConfig(), throughput=0.0)
+    with pytest.raises(ConfigError, match="--throughput '0' is not valid"):
+        dataclasses.replace(ServerConfig(), throughput="0")
 
 
 def test_defaults() -> None:

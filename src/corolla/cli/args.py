@@ -49,7 +49,11 @@ class FlagGroup:
 
 SERVER_GROUPS = (
     FlagGroup("model", ServerConfig, ("model", "dht_prefix", "cache_dir")),
-    FlagGroup("blocks", ServerConfig, ("num_blocks", "block_indices")),
+    FlagGroup(
+        "blocks",
+        ServerConfig,
+        ("num_blocks", "block_indices", "mean_balance_check_period", "balance_quality"),
+    ),
     FlagGroup("hardware", ServerConfig, ("device", "torch_dtype")),
     FlagGroup("announcement", ServerConfig, ("public_name", "throughput", "update_period", "expiration")),
     FlagGroup("network", NetworkConfig),

@@ -14,6 +14,7 @@ PROTOCOL_VERSION = 1
 RPC_INFO = "corolla.info"
 RPC_FORWARD = "corolla.forward"
 RPC_INFERENCE = "corolla.inference"
+RPC_PING = "corolla.ping"
 
 
 class Message(BaseModel):

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -22,6 +23,7 @@ from corolla.protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PING,
     ErrorInfo,
     ForwardRequest,
     InferenceStep,
@@ -57,23 +59,32 @@ def tensor_response(tensor: torch.Tensor, position: int | None = None) -> Respon
     return Response(tensors=[codec.pack(tensor)], metadata=encode(Reply(result=result)))
 
 
-class Handler:
-    """The server's RPCs over one span backend."""
+@dataclass(frozen=True)
+class Hosting:
+    """The span a server hosts right now: its backend and the sessions opened on it."""
 
-    def __init__(
-        self,
-        backend: SpanBackend,
-        sessions: SessionTable,
-        limits: LimitsConfig,
-        *,
-        dht_prefix: str,
-        hidden_size: int,
-    ) -> None:
-        self.backend, self.sessions, self.limits = backend, sessions, limits
-        self.dht_prefix, self.hidden_size = dht_prefix, hidden_size
+    backend: SpanBackend
+    sessions: SessionTable
+
+
+class Handler:
+    """The server's RPCs over the span it hosts (``hosting``, replaced when the server moves)."""
+
+    def __init__(self, limits: LimitsConfig, *, dht_prefix: str, hidden_size: int) -> None:
+        self.limits, self.dht_prefix, self.hidden_size = limits, dht_prefix, hidden_size
+        self.hosting: Hosting | None = None  # None while loading or moving
         self.stopping = asyncio.Event()
 
+    def current(self) -> Hosting:
+        """The hosted span, or ``ServerUnavailable`` while the server stops, loads or moves."""
+        if self.stopping.is_set():
+            raise ServerUnavailable("the server is shutting down; retry with another server")
+        if self.hosting is None:
+            raise ServerUnavailable("the server is loading other blocks; retry with another server")
+        return self.hosting
+
     async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(RPC_PING, self.rpc_ping, Request)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
         await p2p.add_protobuf_handler(
             RPC_FORWARD, self.rpc_forward, Request, stream_input=True, stream_output=True
@@ -83,28 +94,35 @@ class Handler:
         )
 
     async def unregister(self, p2p: P2P) -> None:
-        await p2p.remove_protobuf_handler(RPC_INFO)
+        for name in (RPC_PING, RPC_INFO):
+            await p2p.remove_protobuf_handler(name)
         for name in (RPC_FORWARD, RPC_INFERENCE):
             await p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
 
     # --- RPCs ---------------------------------------------------------------------------------
 
+    async def rpc_ping(self, request: Request, context: P2PContext) -> Response:
+        """Echo nothing: peers time how long their payload takes to arrive (bandwidth)."""
+        return Response()
+
     async def rpc_info(self, request: Request, context: P2PContext) -> Response:
         try:
             decode(ServerInfoRequest, request.metadata)
+            hosting = self.current()
         except CorollaError as e:
             return error_response(e)
+        backend, sessions = hosting.backend, hosting.sessions
         reply = ServerInfoReply(
             version=__version__,
             dht_prefix=self.dht_prefix,
-            start_block=self.backend.start,
-            end_block=self.backend.end,
-            torch_dtype=str(self.backend.dtype).removeprefix("torch."),
+            start_block=backend.start,
+            end_block=backend.end,
+            torch_dtype=str(backend.dtype).removeprefix("torch."),
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
-            cache_tokens_left=self.sessions.budget.left,
-            active_sessions=len(self.sessions),
-            weight_bytes=self.backend.weight_bytes,
+            cache_tokens_left=sessions.budget.left,
+            active_sessions=len(sessions),
+            weight_bytes=backend.weight_bytes,
         )
         return Response(metadata=reply.model_dump_json().encode())
 
@@ -116,10 +134,11 @@ class Handler:
             if request is None:
                 raise BadRequest("forward stream closed before its request")
             meta = decode(ForwardRequest, request.metadata)
-            self._check_span(meta)
+            hosting = self.current()
+            self._check_span(meta, hosting.backend)
             hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
             out = await asyncio.wait_for(
-                self.backend.run(hidden, meta.start, meta.end), self.limits.request_timeout
+                hosting.backend.run(hidden, meta.start, meta.end), self.limits.request_timeout
             )
             yield tensor_response(out)
         except Exception as e:
@@ -129,14 +148,16 @@ class Handler:
         self, requests: AsyncIterator[Request], context: P2PContext
     ) -> AsyncIterator[Response]:
         session: Session | None = None
+        hosting: Hosting | None = None
         try:
             request = await self._next(requests, self.limits.step_timeout)
             if request is None:
                 return
             step = decode(InferenceStep, request.metadata)
-            session = self._open(step)
+            hosting = self.current()
+            session = self._open(step, hosting)
             while True:
-                yield await self._step(session, request, step)
+                yield await self._step(session, hosting, request, step)
                 remaining = session.deadline - time.monotonic()
                 request = await self._next(requests, min(self.limits.step_timeout, max(remaining, 0.0)))
                 if request is None:
@@ -150,37 +171,43 @@ class Handler:
         except Exception as e:
             yield self._report(e, "inference", context)
         finally:
-            if session is not None:
-                self.sessions.close(session)
+            if session is not None and hosting is not None:
+                hosting.sessions.close(session)
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _open(self, step: InferenceStep) -> Session:
+    def _open(self, step: InferenceStep, hosting: Hosting) -> Session:
         if step.open is None:
             raise BadRequest("the first message of an inference stream must carry 'open'")
         meta = step.open
-        self._check_span(meta)
+        self._check_span(meta, hosting.backend)
         if meta.max_length > self.limits.inference_max_length:
             raise BadRequest(
                 f"max_length {meta.max_length} exceeds this server's --inference_max_length "
                 f"{self.limits.inference_max_length}"
             )
-        return self.sessions.open(
+        return hosting.sessions.open(
             start=meta.start,
             end=meta.end,
             max_length=meta.max_length,
             batch_size=meta.batch_size,
-            cache=self.backend.new_cache(),
+            cache=hosting.backend.new_cache(),
             timeout=self.limits.session_timeout,
         )
 
-    async def _step(self, session: Session, request: Request, step: InferenceStep) -> Response:
+    async def _step(
+        self, session: Session, hosting: Hosting, request: Request, step: InferenceStep
+    ) -> Response:
+        if self.current() is not hosting:
+            raise ServerUnavailable(
+                f"this server moved away from blocks {session.start}:{session.end}; retry with another server"
+            )
         position = step.position
         hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
         session.check_step(position, hidden.shape[0], hidden.shape[1])
         if position < session.length:
-            self.backend.crop(session.cache, position)
-        out = await self.backend.run(hidden, session.start, session.end, cache=session.cache)
+            hosting.backend.crop(session.cache, position)
+        out = await hosting.backend.run(hidden, session.start, session.end, cache=session.cache)
         session.length = position + hidden.shape[1]
         return tensor_response(out, session.length)
 
@@ -201,18 +228,16 @@ class Handler:
             raise ServerUnavailable("the server is shutting down; retry with another server")
         raise BadRequest(f"no request within {timeout:.0f} s (--step_timeout); the session was closed")
 
-    def _check_span(self, meta: SpanRequest) -> None:
-        if self.stopping.is_set():
-            raise ServerUnavailable("the server is shutting down; retry with another server")
+    def _check_span(self, meta: SpanRequest, backend: SpanBackend) -> None:
         if meta.protocol != SpanRequest.model_fields["protocol"].default:
             raise BadRequest(
                 f"protocol version {meta.protocol} is not supported by this server "
                 f"(corolla {__version__}); upgrade the older side"
             )
-        if not self.backend.start <= meta.start < meta.end <= self.backend.end:
+        if not backend.start <= meta.start < meta.end <= backend.end:
             raise BadRequest(
                 f"blocks {meta.start}:{meta.end} are not inside this server's span "
-                f"{self.backend.start}:{self.backend.end}"
+                f"{backend.start}:{backend.end}"
             )
 
     def _hidden_from(self, request: Request, *, max_tokens: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""The composition root of ``corolla serve``: join the swarm, load a span, announce it, serve RPCs."""
+"""The composition root of ``corolla serve``: join the swarm, size and place a span, load it,
+announce it, serve RPCs, revisit the placement, and leave cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -20,13 +22,13 @@ from corolla.protocol.records import ServerInfo, ServerState
 from corolla.runtime.backend import SpanBackend
 from corolla.runtime.kv_cache import CacheBudget, cache_bytes_per_token_block
 from corolla.runtime.loader import load_span, parameter_bytes
-from corolla.server.handler import Handler
+from corolla.server.handler import Handler, Hosting
+from corolla.server.placement import Span, rebalance_target, settle_span, swarm_spans
 from corolla.server.plan import ServerPlan
 from corolla.server.sessions import SessionTable
-from corolla.swarm.balance import block_throughputs, choose_span
+from corolla.server.sizing import decide_num_blocks, decide_throughput
 from corolla.swarm.dht import start_dht, visible_maddrs
-from corolla.swarm.registry import announce, fetch_block_records
-from corolla.swarm.spans import spans_from_records
+from corolla.swarm.registry import announce
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ SHUTDOWN_STEP = 1.5  # the most one shutdown step may take (the whole shutdown s
 
 
 def run_server(config: ServerConfig, plan: ServerPlan) -> None:
-    """Run until SIGINT/SIGTERM."""
+    """Run until SIGINT/SIGTERM (or, with ``--throughput dry_run``, until measured)."""
     asyncio.run(Server(config, plan).serve())
 
 
@@ -43,34 +45,37 @@ class Server:
     def __init__(self, config: ServerConfig, plan: ServerPlan) -> None:
         self.config, self.plan = config, plan
         self.dht_prefix = config.dht_prefix or default_dht_prefix(plan.model_name)
-        self.num_blocks: int = plan.model_config.num_hidden_layers
+        self.model_blocks: int = plan.model_config.num_hidden_layers
+        self.handler = Handler(
+            config.limits, dht_prefix=self.dht_prefix, hidden_size=plan.model_config.hidden_size
+        )
+        self.throughput = 0.0
+        self.span: Span | None = None
         self.stop = asyncio.Event()
+        self.rng = random.Random()
 
     async def serve(self) -> None:
         self._install_signal_handlers()
         t0 = time.monotonic()
         dht = await asyncio.to_thread(self._join_swarm)
+        self.me = dht.peer_id.to_base58()
         try:
-            start, end = await asyncio.to_thread(self._pick_blocks, dht)
-            await asyncio.to_thread(self._announce, dht, ServerState.JOINING, start, end, None)
-            backend = await asyncio.to_thread(self._load, start, end)
-            budget = CacheBudget(self.config.limits.attn_cache_tokens * (end - start))
-            sessions = SessionTable(budget)
-            handler = Handler(
-                backend,
-                sessions,
-                self.config.limits,
-                dht_prefix=self.dht_prefix,
-                hidden_size=self.plan.model_config.hidden_size,
-            )
             p2p = await dht.replicate_p2p()
-            await handler.register(p2p)
-            await asyncio.to_thread(self._announce, dht, ServerState.ONLINE, start, end, budget)
-            self._log_ready(dht, start, end, time.monotonic() - t0)
-            reannounce = asyncio.create_task(self._reannounce(dht, start, end, budget))
+            await self.handler.register(p2p)  # early: peers measuring bandwidth get answers
+            length = self._span_length()
+            self.throughput = await self._throughput(dht, p2p, length)
+            if self.config.throughput == "dry_run":
+                return
+            span = await self._place(dht, length)
+            await self._host(dht, span)
+            self._log_ready(dht, time.monotonic() - t0)
+            tasks = [asyncio.create_task(self._reannounce(dht))]
+            if self._movable():
+                tasks.append(asyncio.create_task(self._rebalance(dht)))
             await self.stop.wait()
-            reannounce.cancel()
-            await self._shutdown(dht, p2p, handler, backend, start, end)
+            for task in tasks:
+                task.cancel()
+            await self._shutdown(dht, p2p)
         finally:
             dht.shutdown()
         logger.info("server stopped")
@@ -88,72 +93,80 @@ class Server:
                 "no --initial_peers given: starting a new private swarm "
                 "(there is no public swarm to join; others join this one with its address)"
             )
-        dht = start_dht(network, num_workers=max(4, self.num_blocks))
+        dht = start_dht(network, num_workers=max(4, self.model_blocks))
         logger.info("DHT peer id %s", dht.peer_id.to_base58())
         return dht
 
-    def _pick_blocks(self, dht: DHT) -> tuple[int, int]:
+    def _span_length(self) -> int:
         cfg = self.config
         if cfg.block_indices is not None:
-            start, end = cfg.block_indices
-            logger.info("hosting blocks %d:%d as requested by --block_indices", start, end)
-            return start, end
-        if cfg.num_blocks is None or cfg.num_blocks >= self.num_blocks:
-            logger.info("hosting all %d blocks (no --num_blocks/--block_indices given)", self.num_blocks)
-            return 0, self.num_blocks
-        spans = spans_from_records(
-            fetch_block_records(dht, self.dht_prefix, self.num_blocks),
-            states=(ServerState.JOINING, ServerState.ONLINE),
+            return cfg.block_indices[1] - cfg.block_indices[0]
+        if cfg.num_blocks is not None:
+            return min(cfg.num_blocks, self.model_blocks)
+        return decide_num_blocks(self.plan, cfg.limits)
+
+    async def _throughput(self, dht: DHT, p2p: P2P, length: int) -> float:
+        peers = [
+            s.peer_id for s in await asyncio.to_thread(swarm_spans, dht, self.dht_prefix, self.model_blocks)
+        ]
+        return await decide_throughput(
+            self.config, self.plan, length, p2p, [p for p in peers if p != self.me]
         )
-        start, end = choose_span(block_throughputs(spans, self.num_blocks), cfg.num_blocks)
-        logger.info(
-            "hosting blocks %d:%d: the least-served span of %d blocks among %d known server(s)",
-            start,
-            end,
-            cfg.num_blocks,
-            len(spans),
-        )
-        return start, end
+
+    def _movable(self) -> bool:
+        return self.config.block_indices is None and self.config.balance_quality > 0
+
+    async def _place(self, dht: DHT, length: int) -> Span:
+        if self.config.block_indices is not None:
+            logger.info("hosting blocks %d:%d as requested by --block_indices", *self.config.block_indices)
+            await asyncio.to_thread(self._announce, dht, ServerState.JOINING, self.config.block_indices)
+            return self.config.block_indices
+        if length >= self.model_blocks:
+            logger.info("hosting all %d blocks of the model", self.model_blocks)
+            await asyncio.to_thread(self._announce, dht, ServerState.JOINING, (0, self.model_blocks))
+            return 0, self.model_blocks
+
+        def announce_state(state: ServerState, span: Span) -> None:
+            self._announce(dht, state, span)
+
+        return await settle_span(dht, self.dht_prefix, self.model_blocks, length, self.me, announce_state)
+
+    async def _host(self, dht: DHT, span: Span) -> None:
+        """Load ``span``, start serving it, announce it ONLINE."""
+        backend = await asyncio.to_thread(self._load, *span)
+        budget = CacheBudget(self.config.limits.attn_cache_tokens * (span[1] - span[0]))
+        self.handler.hosting = Hosting(backend, SessionTable(budget))
+        self.span = span
+        await asyncio.to_thread(self._announce, dht, ServerState.ONLINE, span)
 
     def _load(self, start: int, end: int) -> SpanBackend:
         plan = self.plan
         logger.info(
             "loading blocks %d:%d of %s (%s) on %s in %s",
-            start,
-            end,
-            plan.model_name,
-            plan.model_path,
-            plan.device,
-            str(plan.dtype).removeprefix("torch."),
-        )
+            start, end, plan.model_name, plan.model_path, plan.device, str(plan.dtype).removeprefix("torch."),
+        )  # fmt: skip
         t0 = time.monotonic()
         span = load_span(plan.model_path, plan.model_config, start, end, dtype=plan.dtype, device=plan.device)
-        weights = parameter_bytes(span)
         cache = (
             cache_bytes_per_token_block(plan.model_config, plan.dtype) * self.config.limits.attn_cache_tokens
         )
         logger.info(
             "loaded %d blocks in %.1f s: weights %s, attention cache budget %s (%d tokens x %d blocks)",
-            end - start,
-            time.monotonic() - t0,
-            _human(weights),
-            _human(cache * (end - start)),
-            self.config.limits.attn_cache_tokens,
-            end - start,
-        )
+            end - start, time.monotonic() - t0, _human(parameter_bytes(span)), _human(cache * (end - start)),
+            self.config.limits.attn_cache_tokens, end - start,
+        )  # fmt: skip
         return SpanBackend(span, plan.dtype, plan.device)
 
-    def _log_ready(self, dht: DHT, start: int, end: int, elapsed: float) -> None:
+    def _log_ready(self, dht: DHT, elapsed: float) -> None:
+        assert self.span is not None
         maddrs = visible_maddrs(dht)
         for maddr in maddrs:
             logger.info("listening on %s", maddr)
+        blocks = format_ranges(list(range(*self.span)))
         logger.info(
             "ready: serving blocks %s of %s as %s (started in %.1f s)",
-            format_ranges(list(range(start, end))),
-            self.plan.model_name,
-            self.dht_prefix,
-            elapsed,
-        )
+            blocks, self.plan.model_name, self.dht_prefix, elapsed,
+        )  # fmt: skip
         peers = " ".join(maddrs[:1])
         model = "" if self.config.model == ServerConfig.model else f" {self.config.model}"
         print(
@@ -163,41 +176,70 @@ class Server:
             flush=True,
         )
 
-    # --- announcements ------------------------------------------------------------------------
+    # --- announcements and rebalancing --------------------------------------------------------
 
-    def _record(self, state: ServerState, start: int, end: int, budget: CacheBudget | None) -> ServerInfo:
-        left = budget.left // (end - start) if budget is not None else self.config.limits.attn_cache_tokens
+    def _record(self, state: ServerState, span: Span) -> ServerInfo:
+        hosting = self.handler.hosting
+        tokens = self.config.limits.attn_cache_tokens
+        if state == ServerState.ONLINE and hosting is not None:
+            tokens = hosting.sessions.budget.left // (span[1] - span[0])
         return ServerInfo(
             state=state,
-            start_block=start,
-            end_block=end,
-            throughput=self.config.throughput,
+            start_block=span[0],
+            end_block=span[1],
+            throughput=self.throughput,
             torch_dtype=str(self.plan.dtype).removeprefix("torch."),
             public_name=self.config.public_name,
             version=__version__,
             max_inference_length=self.config.limits.inference_max_length,
-            cache_tokens_left=left,
+            cache_tokens_left=tokens,
         )
 
-    def _announce(
-        self, dht: DHT, state: ServerState, start: int, end: int, budget: CacheBudget | None
-    ) -> None:
-        announce(dht, self.dht_prefix, self._record(state, start, end, budget), self.config.record_expiration)
-        logger.info("announced blocks %d:%d as %s", start, end, state.name)
+    def _announce(self, dht: DHT, state: ServerState, span: Span, *, timeout: float | None = None) -> None:
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        announce(dht, self.dht_prefix, self._record(state, span), self.config.record_expiration, **kwargs)
+        logger.info("announced blocks %d:%d as %s", *span, state.name)
 
-    async def _reannounce(self, dht: DHT, start: int, end: int, budget: CacheBudget) -> None:
+    async def _reannounce(self, dht: DHT) -> None:
         while True:
             await asyncio.sleep(self.config.update_period)
+            if self.span is None or self.handler.hosting is None:
+                continue  # moving: the move announces for itself
             try:
-                await asyncio.to_thread(
-                    announce,
-                    dht,
-                    self.dht_prefix,
-                    self._record(ServerState.ONLINE, start, end, budget),
-                    self.config.record_expiration,
-                )
+                record = self._record(ServerState.ONLINE, self.span)
+                await asyncio.to_thread(announce, dht, self.dht_prefix, record, self.config.record_expiration)
             except Exception as e:  # the DHT may be briefly unreachable; try again next period
                 logger.warning("re-announcement failed: %s", e)
+
+    async def _rebalance(self, dht: DHT) -> None:
+        """Every ``--mean_balance_check_period`` (randomised) seconds, move if the swarm gains enough."""
+        period = self.config.mean_balance_check_period
+        while True:
+            await asyncio.sleep(self.rng.uniform(0.5 * period, 1.5 * period))
+            try:
+                target = await asyncio.to_thread(
+                    rebalance_target, dht, self.dht_prefix, self.model_blocks, self.me,
+                    self.config.balance_quality, self.rng,
+                )  # fmt: skip
+            except Exception as e:
+                logger.warning("rebalancing check failed: %s", e)
+                continue
+            if target is not None and target != self.span:
+                await self._move(dht, target)
+
+    async def _move(self, dht: DHT, target: Span) -> None:
+        """Leave the old span (announce OFFLINE; its sessions get a clear error), host the new one."""
+        old = self.span
+        assert old is not None
+        logger.info(
+            "moving from blocks %d:%d to %d:%d: the swarm's weakest blocks gain from it", *old, *target
+        )
+        self.handler.hosting = None  # requests meanwhile: ServerUnavailable, clients re-route
+        self.span = None
+        await asyncio.to_thread(self._announce, dht, ServerState.OFFLINE, old)
+        await asyncio.to_thread(self._announce, dht, ServerState.JOINING, target)
+        await self._host(dht, target)
+        logger.info("now serving blocks %s", format_ranges(list(range(*target))))
 
     # --- shutdown -----------------------------------------------------------------------------
 
@@ -215,40 +257,27 @@ class Server:
         logger.info("received %s: announcing OFFLINE and shutting down", signal.Signals(sig).name)
         self.stop.set()
 
-    async def _shutdown(
-        self, dht: DHT, p2p: P2P, handler: Handler, backend: SpanBackend, start: int, end: int
-    ) -> None:
+    async def _shutdown(self, dht: DHT, p2p: P2P) -> None:
         """Announce OFFLINE, let in-flight requests end, close everything; each step is bounded,
         since the P2P daemon may already be gone (a terminal's Ctrl-C reaches it too)."""
-        handler.stopping.set()  # new requests are refused, waiting sessions get a clear error
-        offline = self._record(ServerState.OFFLINE, start, end, None)
+        self.handler.stopping.set()  # new requests are refused, waiting sessions get a clear error
+        hosting, span = self.handler.hosting, self.span
+        sessions = len(hosting.sessions) if hosting is not None else 0
         steps = [
-            (
-                "announce OFFLINE",
-                asyncio.to_thread(
-                    announce,
-                    dht,
-                    self.dht_prefix,
-                    offline,
-                    self.config.record_expiration,
-                    timeout=SHUTDOWN_STEP,
-                ),
-            ),
-            (
-                "let in-flight requests end",
-                asyncio.sleep(min(SHUTDOWN_GRACE, 0.2 + 0.1 * len(handler.sessions))),
-            ),
-            ("remove RPC handlers", handler.unregister(p2p)),
+            ("remove RPC handlers", self.handler.unregister(p2p)),
             ("close P2P", p2p.shutdown()),
         ]
+        if span is not None:
+            offline = asyncio.to_thread(self._announce, dht, ServerState.OFFLINE, span, timeout=SHUTDOWN_STEP)
+            grace = asyncio.sleep(min(SHUTDOWN_GRACE, 0.2 + 0.1 * sessions))
+            steps = [("announce OFFLINE", offline), ("let in-flight requests end", grace), *steps]
         for what, step in steps:
             try:
                 await asyncio.wait_for(step, timeout=SHUTDOWN_STEP)
-                if what == "announce OFFLINE":
-                    logger.info("announced blocks %d:%d as OFFLINE", start, end)
             except Exception as e:
                 logger.warning("shutdown: could not %s (%s)", what, type(e).__name__)
-        backend.shutdown()
+        if hosting is not None:
+            hosting.backend.shutdown()
 
 
 def _default_signal_handlers() -> None:

@@ -34,7 +34,8 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
         "(default: 16384)",
         "(default: auto)",
         "(default: 60.0)",
-        "(default: all)",
+        "(default: as many as fit in memory)",
+        "(default: 120.0)",
         "[env var: COROLLA_BLOCK_INDICES]",
         "--config CONFIG_FILE",
     ]:

@@ -31,6 +31,7 @@ class ServerInfo(BaseModel):
     version: str
     max_inference_length: int = Field(ge=0)
     cache_tokens_left: int = Field(ge=0)
+    pinned: bool = False  # chose its blocks with --block_indices: never moves when rebalancing
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -79,4 +79,5 @@ def rebalance_target(
     spans = swarm_spans(dht, dht_prefix, num_blocks)
     if me not in {s.peer_id for s in spans}:
         return None  # our own record is not visible yet; decide next time
-    return should_move(spans, me, num_blocks, balance_quality, rng)
+    pinned = frozenset(s.peer_id for s in spans if s.info.pinned)
+    return should_move(spans, me, num_blocks, balance_quality, rng, pinned=pinned)

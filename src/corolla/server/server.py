@@ -193,6 +193,7 @@ class Server:
             version=__version__,
             max_inference_length=self.config.limits.inference_max_length,
             cache_tokens_left=tokens,
+            pinned=self.config.block_indices is not None,
         )
 
     def _announce(self, dht: DHT, state: ServerState, span: Span, *, timeout: float | None = None) -> None:

@@ -37,6 +37,7 @@ def test_wire_form_is_plain_json_data() -> None:
         "version": "0.1.0",
         "max_inference_length": 2048,
         "cache_tokens_left": 512,
+        "pinned": False,
     }
     assert json.loads(json.dumps(wire)) == wire
 

@@ -232,4 +232,5 @@ class ClientConfig:
     step_timeout: float = 60.0
     max_wait_for_blocks: float = 30.0
     update_period: float = 5.0
-    max_retries: int = 3
+    max_retries: int = 5  # failed servers per request/step before giving up
+    ban_timeout: float = 15.0  # first ban of a failed server; doubles on each new failure (max 300 s)

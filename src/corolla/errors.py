@@ -30,12 +30,13 @@ class DeviceUnavailable(CorollaError):
 class MissingBlocks(CorollaError):
     """No chain of online servers covers every block."""
 
-    def __init__(self, missing: list[int], waited: float | None = None) -> None:
+    def __init__(self, missing: list[int], waited: float | None = None, cause: str | None = None) -> None:
         self.missing = list(missing)
         ranges = format_ranges(self.missing)
         waited_txt = f" after waiting {waited:.0f} s" if waited is not None else ""
+        cause_txt = f" ({cause})" if cause else ""
         super().__init__(
-            f"no online server hosts block(s) {ranges}{waited_txt}; start a server for them "
+            f"no online server hosts block(s) {ranges}{waited_txt}{cause_txt}; start a server for them "
             "(corolla serve MODEL --initial_peers ...) or check --initial_peers"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from corolla import AutoDistributedModelForCausalLM
 from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
-from corolla.errors import AllocationFailed, BadRequest
+from corolla.config import ClientConfig
+from corolla.errors import AllocationFailed
 from corolla.runtime.loader import parameter_bytes
 
 CACHE_TOKENS = 64  # per block: room for one 40-token session, not for a second one
@@ -93,9 +95,11 @@ def test_sigterm_uncovers_the_blocks_and_exits_within_5_seconds(
         model.manager.shutdown()
 
 
-def test_idle_session_is_closed_after_step_timeout_and_its_cache_freed(
-    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path: Path
-) -> None:
+def test_dropped_session_frees_its_cache_and_the_client_recovers_after_the_ban(
+    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path: Path, local_model, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """An idle session is dropped after --step_timeout; the client's next step fails there, the
+    server is banned (2 s), and once the ban expires the session is replayed on it again."""
     (server,) = start_swarm(
         str(tiny_gqa_dir),
         [(0, 6)],
@@ -104,23 +108,30 @@ def test_idle_session_is_closed_after_step_timeout_and_its_cache_freed(
         log_dir=tmp_path,
     )
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr], dht_prefix="idle"
-    )
+        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr], dht_prefix="idle",
+        client_config=ClientConfig(ban_timeout=2.0),
+    )  # fmt: skip
     manager = model.manager
     ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(6))
     try:
         peer = manager.peer(manager.route()[0])
         idle_budget = manager.loop.run(call_info(manager.p2p, peer), timeout=30).cache_tokens_left
-        with torch.no_grad(), model.inference_session(max_length=16) as session:
-            model.generate(ids, max_new_tokens=2, do_sample=False, session=session)
+        with torch.no_grad(), model.inference_session(max_length=24) as session:
+            first = model.generate(ids, max_new_tokens=4, do_sample=False, session=session)
             assert manager.loop.run(call_info(manager.p2p, peer), timeout=30).cache_tokens_left < idle_budget
-            time.sleep(2.5)
-            with pytest.raises(BadRequest, match="step_timeout"):
-                model.generate(ids[:, :1], max_new_tokens=2, do_sample=False, session=session)
-        info = manager.loop.run(call_info(manager.p2p, peer), timeout=30)
-        assert (info.cache_tokens_left, info.active_sessions) == (idle_budget, 0)
-        with torch.no_grad():  # the server goes on serving new sessions
-            assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
+            time.sleep(2.5)  # the server drops the idle session and frees its cache
+            info = manager.loop.run(call_info(manager.p2p, peer), timeout=30)
+            assert (info.cache_tokens_left, info.active_sessions) == (idle_budget, 0)
+            t0 = time.monotonic()
+            with caplog.at_level("WARNING", logger="corolla.client.manager"):
+                second = model.generate(ids[:, :2], max_new_tokens=4, do_sample=False, session=session)
+            assert time.monotonic() - t0 >= 1.5  # waited for the ban to expire
+        assert re.search(r"failed on blocks 0:6 .*step_timeout.*banned for 2 s", caplog.text)
+        with torch.no_grad():
+            expected = local_model.generate(
+                torch.cat([first, ids[:, :2]], 1), max_new_tokens=4, do_sample=False
+            )
+        assert torch.equal(second, expected[:, first.shape[1] :])
     finally:
         server.stop()
         manager.shutdown()

@@ -144,7 +144,7 @@ def test_defaults() -> None:
     assert (config.num_blocks, config.block_indices) == (None, None)
     assert config.network == NetworkConfig()
     assert config.limits == LimitsConfig()
-    assert ClientConfig().max_retries == 3
+    assert (ClientConfig().max_retries, ClientConfig().ban_timeout) == (5, 15.0)
 
 
 def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

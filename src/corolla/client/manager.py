@@ -10,6 +10,7 @@ import time
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 
+from corolla.client.bans import BanList
 from corolla.client.routing import Hop, make_route
 from corolla.client.transport import EventLoopThread
 from corolla.config import ClientConfig, NetworkConfig
@@ -32,6 +33,7 @@ class SequenceManager:
         self.dht = dht or start_dht(NetworkConfig(initial_peers=config.initial_peers), client_mode=True)
         self.loop = EventLoopThread.get()
         self.p2p: P2P = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        self.bans = BanList(config.ban_timeout)
         self._spans: list[ServerSpan] = []
         self._updated = 0.0
         atexit.register(self.shutdown)
@@ -43,15 +45,25 @@ class SequenceManager:
             self._updated = time.monotonic()
         return self._spans
 
-    def route(
-        self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()
-    ) -> list[Hop]:
-        """A chain of ONLINE servers for blocks ``start..end-1``, waiting a bounded time for missing ones."""
+    def failed(self, hop: Hop, error: Exception) -> str:
+        """Ban a server that failed; returns a one-line account for logs and errors."""
+        seconds = self.bans.ban(hop.peer_id)
+        account = (
+            f"server ...{hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
+            f"banned for {seconds:.0f} s"
+        )
+        logger.warning("%s; retrying on other servers", account)
+        return account
+
+    def route(self, start: int = 0, end: int | None = None, *, cause: str | None = None) -> list[Hop]:
+        """A chain of ONLINE, unbanned servers for blocks ``start..end-1``; waits a bounded time for
+        missing blocks, then raises ``MissingBlocks`` (with ``cause``: what failed before)."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.config.max_wait_for_blocks
-        refresh = False
+        refresh = cause is not None  # a failure: the view may be stale
         while True:
             spans = self.spans(refresh=refresh)
+            banned = self.bans.banned()
             route = make_route(spans, start, end, banned=banned)
             if route is not None:
                 logger.debug("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
@@ -59,7 +71,7 @@ class SequenceManager:
             if time.monotonic() >= deadline:
                 usable = [s for s in spans if s.peer_id not in banned]
                 missing = [i for i in missing_blocks(usable, self.num_blocks) if start <= i < end]
-                raise MissingBlocks(missing, waited=self.config.max_wait_for_blocks)
+                raise MissingBlocks(missing, waited=self.config.max_wait_for_blocks, cause=cause)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True
 

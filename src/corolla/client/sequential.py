@@ -7,30 +7,29 @@ import logging
 import torch
 
 from corolla.client.manager import SequenceManager
-from corolla.client.transport import call_forward
+from corolla.client.transport import RETRIABLE, call_forward
 from corolla.errors import ServerUnavailable
 
 logger = logging.getLogger(__name__)
 
 
 def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden states after every block of the model."""
-    banned: set[str] = set()
-    position = 0
+    """Hidden states after every block of the model; a failed server is banned and its blocks
+    are retried on another route."""
+    position, failures, cause = 0, 0, None
     while position < manager.num_blocks:
-        hop = manager.route(position, banned=frozenset(banned))[0]
-        timeout = manager.config.request_timeout
+        hop = manager.route(position, cause=cause)[0]
         try:
             hidden = manager.loop.run(
-                call_forward(manager.p2p, manager.peer(hop), hop.start, hop.end, hidden), timeout=timeout
+                call_forward(manager.p2p, manager.peer(hop), hop.start, hop.end, hidden),
+                timeout=manager.config.request_timeout,
             )
-        except ServerUnavailable as e:
-            if len(banned) >= manager.config.max_retries:
-                raise
-            logger.warning(
-                "server ...%s failed (%s); re-routing blocks %d:%d", hop.peer_id[-8:], e, hop.start, hop.end
-            )
-            banned.add(hop.peer_id)
+        except RETRIABLE as e:
+            failures += 1
+            cause = manager.failed(hop, e)
+            if failures > manager.config.max_retries:
+                raise ServerUnavailable(f"giving up after {failures} failed servers; last: {cause}") from e
             continue
+        manager.bans.forgive(hop.peer_id)
         position = hop.end
     return hidden

@@ -12,7 +12,7 @@ import torch
 
 from corolla.client.manager import SequenceManager
 from corolla.client.routing import Hop
-from corolla.client.transport import InferenceStream
+from corolla.client.transport import RETRIABLE, InferenceStream
 from corolla.errors import CorollaError, ServerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,12 @@ class _HopStream:
         self.history: list[torch.Tensor] = []  # inputs sent so far, for replay elsewhere
 
 
+class _HopFailed(Exception):
+    def __init__(self, hop: _HopStream, error: Exception) -> None:
+        super().__init__(str(error))
+        self.hop, self.error = hop, error
+
+
 class InferenceSession:
     """``with model.inference_session(max_length=N) as s:`` — steps hidden states through the swarm."""
 
@@ -32,7 +38,6 @@ class InferenceSession:
         self.position = 0
         self.token_ids: torch.Tensor | None = None  # tokens of the conversation (used by generate)
         self._hops: list[_HopStream] = []
-        self._banned: set[str] = set()
         self.closed = False
 
     @property
@@ -56,15 +61,17 @@ class InferenceSession:
             )
         if not self._hops:
             self._hops = self._open(0, self.manager.num_blocks)
-        i = 0
+        i, failures = 0, 0
         while i < len(self._hops):
             hop = self._hops[i]
             try:
                 out = self._send(hop, hidden)
-            except ServerUnavailable as e:
-                self._replace(i, e)
-                continue  # retry the same position on the new hop(s)
+            except RETRIABLE as e:
+                failures += 1
+                self._replace(i, e, failures)
+                continue  # the same position, on the replacement hop(s)
             hop.history.append(hidden)
+            self.manager.bans.forgive(hop.hop.peer_id)
             hidden = out
             i += 1
         self.position += hidden.shape[1]
@@ -74,49 +81,60 @@ class InferenceSession:
         timeout = self.manager.config.step_timeout
         return self.manager.loop.run(hop.stream.step(hidden, self.position, timeout), timeout=timeout + 5)
 
-    def _open(self, start: int, end: int) -> list[_HopStream]:
-        route = self.manager.route(start, end, banned=frozenset(self._banned))
-        return [
-            _HopStream(
-                hop,
-                InferenceStream(
-                    self.manager.p2p,
-                    self.manager.peer(hop),
-                    hop.start,
-                    hop.end,
-                    self.max_length,
-                    self.batch_size,
-                ),
-            )
-            for hop in route
-        ]
+    def _open(self, start: int, end: int, cause: str | None = None) -> list[_HopStream]:
+        route = self.manager.route(start, end, cause=cause)
+        return [_HopStream(hop, self._stream(hop)) for hop in route]
 
-    def _replace(self, index: int, error: Exception) -> None:
-        """Route around a failed hop and replay its history on the replacement servers."""
+    def _stream(self, hop: Hop) -> InferenceStream:
+        peer = self.manager.peer(hop)
+        return InferenceStream(self.manager.p2p, peer, hop.start, hop.end, self.max_length, self.batch_size)
+
+    def _replace(self, index: int, error: Exception, failures: int) -> None:
+        """Ban the failed server, route its blocks elsewhere and replay their inputs there, so the
+        replacement servers hold the same KV cache; retried while servers keep failing."""
         failed = self._hops[index]
-        if len(self._banned) >= self.manager.config.max_retries * max(1, len(self._hops)):
-            raise error
-        logger.warning(
-            "server ...%s failed (%s); re-routing blocks %d:%d",
-            failed.hop.peer_id[-8:],
-            error,
+        cause = self.manager.failed(failed.hop, error)
+        if failures > self.manager.config.max_retries:
+            raise ServerUnavailable(f"giving up after {failures} failed servers; last: {cause}") from error
+        self._close_streams([failed])
+        history = torch.cat(failed.history, dim=1) if failed.history else None
+        while True:
+            new_hops = self._open(failed.hop.start, failed.hop.end, cause=cause)
+            try:
+                self._replay(new_hops, history)
+                break
+            except _HopFailed as f:  # a replacement failed too: ban it and try again
+                failures += 1
+                cause = self.manager.failed(f.hop.hop, f.error)
+                self._close_streams(new_hops)
+                if failures > self.manager.config.max_retries:
+                    raise ServerUnavailable(
+                        f"giving up after {failures} failed servers; last: {cause}"
+                    ) from f.error
+        logger.info(
+            "blocks %d:%d now on %s (replayed %d tokens)",
             failed.hop.start,
             failed.hop.end,
+            ", ".join(f"...{h.hop.peer_id[-8:]}" for h in new_hops),
+            0 if history is None else history.shape[1],
         )
-        self._banned.add(failed.hop.peer_id)
-        self._close_streams([failed])
-        new_hops = self._open(failed.hop.start, failed.hop.end)
-        if failed.history:
-            replay = torch.cat(failed.history, dim=1)
-            saved, self.position = self.position, 0
-            try:
-                for hop in new_hops:
-                    out = self._send(hop, replay)
-                    hop.history.append(replay)
-                    replay = out
-            finally:
-                self.position = saved
         self._hops[index : index + 1] = new_hops
+
+    def _replay(self, hops: list[_HopStream], history: torch.Tensor | None) -> None:
+        """Send the inputs the failed server had seen through its replacements (positions 0..)."""
+        if history is None:
+            return
+        saved, self.position = self.position, 0
+        try:
+            for hop in hops:
+                try:
+                    out = self._send(hop, history)
+                except RETRIABLE as e:
+                    raise _HopFailed(hop, e) from e
+                hop.history.append(history)
+                history = out
+        finally:
+            self.position = saved
 
     def _close_streams(self, hops: list[_HopStream]) -> None:
         for hop in hops:

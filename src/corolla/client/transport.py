@@ -34,6 +34,9 @@ from corolla.protocol.messages import (
 
 T = TypeVar("T")
 
+# errors after which a client routes around the server (the server, not the request, is at fault)
+RETRIABLE: tuple[type[Exception], ...] = (ServerUnavailable, RemoteError)
+
 
 class EventLoopThread:
     """One daemon thread running an asyncio loop; ``run`` submits a coroutine and waits."""

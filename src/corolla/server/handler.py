@@ -226,7 +226,7 @@ class Handler:
         next_task.cancel()
         if stop_task in done:
             raise ServerUnavailable("the server is shutting down; retry with another server")
-        raise BadRequest(f"no request within {timeout:.0f} s (--step_timeout); the session was closed")
+        raise ServerUnavailable(f"no request within {timeout:.0f} s (--step_timeout): the session was closed")
 
     def _check_span(self, meta: SpanRequest, backend: SpanBackend) -> None:
         if meta.protocol != SpanRequest.model_fields["protocol"].default:

@@ -233,4 +233,5 @@ class ClientConfig:
     max_wait_for_blocks: float = 30.0
     update_period: float = 5.0
     max_retries: int = 5  # failed servers per request/step before giving up
+    use_push: bool = True  # servers send their outputs straight to the next server of the chain
     ban_timeout: float = 15.0  # first ban of a failed server; doubles on each new failure (max 300 s)

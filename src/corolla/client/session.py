@@ -14,6 +14,7 @@ from corolla.client.manager import SequenceManager
 from corolla.client.routing import Hop
 from corolla.client.transport import RETRIABLE, InferenceStream
 from corolla.errors import CorollaError, ServerUnavailable
+from corolla.protocol.messages import PushTarget
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class InferenceSession:
         self.position = 0
         self.token_ids: torch.Tensor | None = None  # tokens of the conversation (used by generate)
         self._hops: list[_HopStream] = []
+        self._step_id = 0  # one per step; servers run a step once even if it arrives twice (push + copy)
         self.closed = False
 
     @property
@@ -61,6 +63,7 @@ class InferenceSession:
             )
         if not self._hops:
             self._hops = self._open(0, self.manager.num_blocks)
+        self._step_id += 1
         i, failures = 0, 0
         while i < len(self._hops):
             hop = self._hops[i]
@@ -77,17 +80,26 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return hidden
 
-    def _send(self, hop: _HopStream, hidden: torch.Tensor) -> torch.Tensor:
+    def _send(self, hop: _HopStream, hidden: torch.Tensor, step_id: int | None = None) -> torch.Tensor:
         timeout = self.manager.config.step_timeout
-        return self.manager.loop.run(hop.stream.step(hidden, self.position, timeout), timeout=timeout + 5)
+        step_id = self._step_id if step_id is None else step_id
+        step = hop.stream.step(hidden, self.position, timeout, step_id)
+        return self.manager.loop.run(step, timeout=timeout + 5)
 
-    def _open(self, start: int, end: int, cause: str | None = None) -> list[_HopStream]:
-        route = self.manager.route(start, end, cause=cause)
-        return [_HopStream(hop, self._stream(hop)) for hop in route]
-
-    def _stream(self, hop: Hop) -> InferenceStream:
-        peer = self.manager.peer(hop)
-        return InferenceStream(self.manager.p2p, peer, hop.start, hop.end, self.max_length, self.batch_size)
+    def _open(self, start: int, end: int, cause: str | None = None, then: _HopStream | None = None
+              ) -> list[_HopStream]:  # fmt: skip
+        """Streams for a route over ``start..end-1``; with push on, each server is asked to push its
+        outputs to the next one (the last to ``then``, the hop that follows, if any)."""
+        hops: list[_HopStream] = []
+        for hop in reversed(self.manager.route(start, end, cause=cause)):
+            after = hops[0] if hops else then
+            push_to = None
+            if after is not None and self.manager.config.use_push:
+                push_to = PushTarget(peer_id=after.hop.peer_id, session_id=after.stream.session_id)
+            stream = InferenceStream(self.manager.p2p, self.manager.peer(hop), hop.start, hop.end,
+                                     self.max_length, self.batch_size, push_to=push_to)  # fmt: skip
+            hops.insert(0, _HopStream(hop, stream))
+        return hops
 
     def _replace(self, index: int, error: Exception, failures: int) -> None:
         """Ban the failed server, route its blocks elsewhere and replay their inputs there, so the
@@ -99,7 +111,8 @@ class InferenceSession:
         self._close_streams([failed])
         history = torch.cat(failed.history, dim=1) if failed.history else None
         while True:
-            new_hops = self._open(failed.hop.start, failed.hop.end, cause=cause)
+            then = self._hops[index + 1] if index + 1 < len(self._hops) else None
+            new_hops = self._open(failed.hop.start, failed.hop.end, cause=cause, then=then)
             try:
                 self._replay(new_hops, history)
                 break
@@ -128,7 +141,7 @@ class InferenceSession:
         try:
             for hop in hops:
                 try:
-                    out = self._send(hop, history)
+                    out = self._send(hop, history, step_id=self._step_id - 1)
                 except RETRIABLE as e:
                     raise _HopFailed(hop, e) from e
                 hop.history.append(history)

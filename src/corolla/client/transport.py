@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from corolla.protocol.messages import (
     InferenceOpen,
     InferenceStep,
     Message,
+    PushTarget,
     Reply,
     ServerInfoReply,
     ServerInfoRequest,
@@ -122,10 +124,15 @@ class InferenceStream:
     """One open inference stream to one server: ``step`` sends hidden states, returns its output."""
 
     def __init__(
-        self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int
-    ) -> None:
+        self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int,
+        *, push_to: PushTarget | None = None,
+    ) -> None:  # fmt: skip
         self.p2p, self.peer_id = p2p, peer_id
-        self.open_meta = InferenceOpen(start=start, end=end, max_length=max_length, batch_size=batch_size)
+        self.session_id = uuid.uuid4().hex
+        self.open_meta = InferenceOpen(
+            start=start, end=end, max_length=max_length, batch_size=batch_size,
+            session_id=self.session_id, push_to=push_to,
+        )  # fmt: skip
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self.position = 0
@@ -138,8 +145,11 @@ class InferenceStream:
         while (item := await self._outbox.get()) is not None:
             yield item
 
-    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
-        meta = InferenceStep(position=position, open=self.open_meta if self._responses is None else None)
+    async def step(
+        self, hidden: torch.Tensor, position: int, timeout: float, step_id: int = 0
+    ) -> torch.Tensor:
+        first = self._responses is None
+        meta = InferenceStep(position=position, step_id=step_id, open=self.open_meta if first else None)
         try:
             if self._responses is None:
                 self._responses = await self.p2p.iterate_protobuf_handler(

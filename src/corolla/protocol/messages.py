@@ -15,6 +15,7 @@ RPC_INFO = "corolla.info"
 RPC_FORWARD = "corolla.forward"
 RPC_INFERENCE = "corolla.inference"
 RPC_PING = "corolla.ping"
+RPC_PUSH = "corolla.push"
 
 
 class Message(BaseModel):
@@ -33,11 +34,23 @@ class ForwardRequest(SpanRequest):
     """A whole sequence through the span, no cache. Tensors: ``[hidden_states]``."""
 
 
+class PushTarget(Message):
+    """The next server of the chain and the id of the client's session there."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(min_length=1, max_length=64)
+
+
 class InferenceOpen(SpanRequest):
-    """First message of an inference stream: reserves a KV cache of ``max_length`` tokens."""
+    """First message of an inference stream: reserves a KV cache of ``max_length`` tokens.
+
+    ``session_id`` lets the previous server of the chain push its outputs into this session;
+    ``push_to`` asks this server to push its own outputs to the next one (server-to-server push)."""
 
     max_length: int = Field(gt=0)
     batch_size: int = Field(default=1, gt=0)
+    session_id: str | None = Field(default=None, min_length=1, max_length=64)
+    push_to: PushTarget | None = None
 
 
 class InferenceStep(Message):
@@ -46,7 +59,16 @@ class InferenceStep(Message):
     ``position`` below the session's length rolls the cache back to it (a replay)."""
 
     position: int = Field(ge=0)
+    step_id: int = Field(default=0, ge=0)  # the client's step counter (0: none): a step seen twice runs once
     open: InferenceOpen | None = None
+
+
+class PushStep(Message):
+    """A server's output for the next server's session. Tensors: ``[hidden_states]``."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+    step_id: int = Field(ge=0)
+    position: int = Field(ge=0)
 
 
 class StepResult(Message):
@@ -82,6 +104,7 @@ class ServerInfoReply(Message):
     cache_tokens_left: int
     active_sessions: int
     weight_bytes: int
+    pushes_received: int = 0
 
 
 M = TypeVar("M", bound=Message)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla import __version__
@@ -24,9 +24,11 @@ from corolla.protocol.messages import (
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PING,
+    RPC_PUSH,
     ErrorInfo,
     ForwardRequest,
     InferenceStep,
+    PushStep,
     Reply,
     ServerInfoReply,
     ServerInfoRequest,
@@ -39,6 +41,8 @@ from corolla.runtime.backend import SpanBackend
 from corolla.server.sessions import Session, SessionTable
 
 logger = logging.getLogger(__name__)
+
+PUSH_TIMEOUT = 5.0  # seconds a push to the next server may take
 
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
@@ -73,6 +77,7 @@ class Handler:
     def __init__(self, limits: LimitsConfig, *, dht_prefix: str, hidden_size: int) -> None:
         self.limits, self.dht_prefix, self.hidden_size = limits, dht_prefix, hidden_size
         self.hosting: Hosting | None = None  # None while loading or moving
+        self.pushes_received = 0
         self.stopping = asyncio.Event()
 
     def current(self) -> Hosting:
@@ -84,6 +89,8 @@ class Handler:
         return self.hosting
 
     async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p
+        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, Request)
         await p2p.add_protobuf_handler(RPC_PING, self.rpc_ping, Request)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
         await p2p.add_protobuf_handler(
@@ -94,7 +101,7 @@ class Handler:
         )
 
     async def unregister(self, p2p: P2P) -> None:
-        for name in (RPC_PING, RPC_INFO):
+        for name in (RPC_PING, RPC_INFO, RPC_PUSH):
             await p2p.remove_protobuf_handler(name)
         for name in (RPC_FORWARD, RPC_INFERENCE):
             await p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
@@ -123,6 +130,7 @@ class Handler:
             cache_tokens_left=sessions.budget.left,
             active_sessions=len(sessions),
             weight_bytes=backend.weight_bytes,
+            pushes_received=self.pushes_received,
         )
         return Response(metadata=reply.model_dump_json().encode())
 
@@ -130,7 +138,7 @@ class Handler:
         self, requests: AsyncIterator[Request], context: P2PContext
     ) -> AsyncIterator[Response]:
         try:
-            request = await self._next(requests, self.limits.request_timeout)
+            request = await _StepInputs(requests, self.stopping).next(self.limits.request_timeout)
             if request is None:
                 raise BadRequest("forward stream closed before its request")
             meta = decode(ForwardRequest, request.metadata)
@@ -149,17 +157,21 @@ class Handler:
     ) -> AsyncIterator[Response]:
         session: Session | None = None
         hosting: Hosting | None = None
+        inputs = _StepInputs(requests, self.stopping)
         try:
-            request = await self._next(requests, self.limits.step_timeout)
+            request = await inputs.next(self.limits.step_timeout)
             if request is None:
                 return
             step = decode(InferenceStep, request.metadata)
             hosting = self.current()
             session = self._open(step, hosting)
+            inputs.pushed = session.pushed
             while True:
-                yield await self._step(session, hosting, request, step)
+                if step.step_id == 0 or step.step_id > session.last_step_id or step.open is not None:
+                    yield await self._step(session, hosting, request, step)
+                # else: a copy of a step already run (pushed by the previous server, then sent by the client)
                 remaining = session.deadline - time.monotonic()
-                request = await self._next(requests, min(self.limits.step_timeout, max(remaining, 0.0)))
+                request = await inputs.next(min(self.limits.step_timeout, max(remaining, 0.0)))
                 if request is None:
                     return
                 if time.monotonic() > session.deadline:
@@ -171,8 +183,36 @@ class Handler:
         except Exception as e:
             yield self._report(e, "inference", context)
         finally:
+            inputs.close()
             if session is not None and hosting is not None:
                 hosting.sessions.close(session)
+
+    async def rpc_push(self, request: Request, context: P2PContext) -> Response:
+        """The previous server of a chain delivers its output for one of our sessions."""
+        try:
+            meta = decode(PushStep, request.metadata)
+            session = self.current().sessions.find(meta.session_id)
+            if session is None:
+                raise BadRequest(f"no session {meta.session_id!r} here (closed, or not opened yet)")
+            step = InferenceStep(position=meta.position, step_id=meta.step_id)
+            session.pushed.put_nowait(Request(metadata=encode(step), tensors=request.tensors))
+            self.pushes_received += 1
+            return Response()
+        except Exception as e:
+            return error_response(e)
+
+    async def _push(self, session: Session, step: InferenceStep, out: torch.Tensor) -> None:
+        """Send ``out`` straight to the next server's session; the client's own copy covers failures."""
+        target = session.push_to
+        meta = PushStep(session_id=target.session_id, step_id=step.step_id, position=step.position)
+        request = Request(metadata=encode(meta), tensors=[codec.pack(out)])
+        try:
+            peer = PeerID.from_base58(target.peer_id)
+            await asyncio.wait_for(
+                self.p2p.call_protobuf_handler(peer, RPC_PUSH, request, Response), PUSH_TIMEOUT
+            )
+        except Exception as e:
+            logger.debug("push to ...%s failed: %s", target.peer_id[-8:], e)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -186,7 +226,7 @@ class Handler:
                 f"max_length {meta.max_length} exceeds this server's --inference_max_length "
                 f"{self.limits.inference_max_length}"
             )
-        return hosting.sessions.open(
+        session = hosting.sessions.open(
             start=meta.start,
             end=meta.end,
             max_length=meta.max_length,
@@ -194,6 +234,9 @@ class Handler:
             cache=hosting.backend.new_cache(),
             timeout=self.limits.session_timeout,
         )
+        hosting.sessions.register_key(session, meta.session_id)
+        session.push_to = meta.push_to
+        return session
 
     async def _step(
         self, session: Session, hosting: Hosting, request: Request, step: InferenceStep
@@ -207,26 +250,13 @@ class Handler:
         session.check_step(position, hidden.shape[0], hidden.shape[1])
         if position < session.length:
             hosting.backend.crop(session.cache, position)
+        first = session.last_step_id < 0
         out = await hosting.backend.run(hidden, session.start, session.end, cache=session.cache)
         session.length = position + hidden.shape[1]
+        session.last_step_id = step.step_id
+        if session.push_to is not None and not first:  # the next session exists once the chain has run once
+            asyncio.create_task(self._push(session, step, out))
         return tensor_response(out, session.length)
-
-    async def _next(self, requests: AsyncIterator[Request], timeout: float) -> Request | None:
-        """The next request, ``None`` at the end of the stream; errors on timeout or shutdown."""
-        next_task = asyncio.ensure_future(anext(requests, None))
-        stop_task = asyncio.ensure_future(self.stopping.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {next_task, stop_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            stop_task.cancel()
-        if next_task in done:
-            return next_task.result()
-        next_task.cancel()
-        if stop_task in done:
-            raise ServerUnavailable("the server is shutting down; retry with another server")
-        raise ServerUnavailable(f"no request within {timeout:.0f} s (--step_timeout): the session was closed")
 
     def _check_span(self, meta: SpanRequest, backend: SpanBackend) -> None:
         if meta.protocol != SpanRequest.model_fields["protocol"].default:
@@ -264,3 +294,39 @@ class Handler:
         else:
             logger.exception("%s from ...%s failed", rpc, peer)
         return error_response(error)
+
+
+class _StepInputs:
+    """The next input of an inference session: a client request or a step pushed by the previous
+    server, whichever comes first. A pending read of the client's stream survives a push."""
+
+    def __init__(self, requests: AsyncIterator[Request], stopping: asyncio.Event) -> None:
+        self.requests, self.stopping = requests, stopping
+        self.pushed: asyncio.Queue[Request] | None = None
+        self._client: asyncio.Future[Request | None] | None = None
+
+    async def next(self, timeout: float) -> Request | None:
+        """``None`` when the client closed the stream; errors on timeout or shutdown."""
+        if self._client is None:
+            self._client = asyncio.ensure_future(anext(self.requests, None))
+        waiters: set[asyncio.Future] = {self._client, asyncio.ensure_future(self.stopping.wait())}
+        push = asyncio.ensure_future(self.pushed.get()) if self.pushed is not None else None
+        if push is not None:
+            waiters.add(push)
+        done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending - {self._client}:
+            waiter.cancel()
+        if push is not None and push in done:
+            return push.result()
+        if self._client in done:
+            request, self._client = self._client.result(), None
+            return request
+        if self.stopping.is_set():
+            raise ServerUnavailable("the server is shutting down; retry with another server")
+        raise ServerUnavailable(
+            f"no request within {timeout:.0f} s (--step_timeout/--request_timeout): the stream was closed"
+        )
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.cancel()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import DynamicCache
 
@@ -24,6 +26,10 @@ class Session:
     deadline: float
     length: int = 0  # tokens already in the cache
     opened_at: float = field(default_factory=time.monotonic)
+    key: str | None = None  # the client's session id, for pushes from the previous server
+    push_to: Any = None  # PushTarget: where to push this session's outputs
+    last_step_id: int = -1  # steps with an id not above this one were already run
+    pushed: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs pushed by the previous server
 
     def check_step(self, position: int, batch_size: int, new_tokens: int) -> None:
         """Raise ``BadRequest`` for a step that does not fit this session."""
@@ -48,6 +54,7 @@ class SessionTable:
     def __init__(self, budget: CacheBudget) -> None:
         self.budget = budget
         self._sessions: dict[int, Session] = {}
+        self._by_key: dict[str, Session] = {}
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -70,7 +77,17 @@ class SessionTable:
         self._sessions[session.id] = session
         return session
 
+    def register_key(self, session: Session, key: str | None) -> None:
+        if key is not None and key not in self._by_key:
+            session.key = key
+            self._by_key[key] = session
+
+    def find(self, key: str) -> Session | None:
+        return self._by_key.get(key)
+
     def close(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        if session.key is not None:
+            self._by_key.pop(session.key, None)
         self.budget.release(session.reservation)
         session.cache = None  # type: ignore[assignment]  # free the tensors now

@@ -7,7 +7,13 @@ server through the delay. ``start_delayed_server`` does both.
 Each direction of a connection is a FIFO of ``(due time, chunk)``: a reader task stamps every
 chunk ``now + delay_s`` as it arrives and a writer task delivers it when due. Order is kept, a
 round trip costs ``2 * delay_s``, and throughput is not limited by the delay (many chunks are in
-flight at once). The relay only talks to loopback addresses; anything else is a ``ValueError``.
+flight at once). The TCP handshake itself is not delayed (the relay accepts at once), so opening a
+connection costs no round trip; everything sent on it does. The relay only talks to loopback
+addresses; anything else is a ``ValueError``.
+
+A libp2p connection is used both ways, so a relay delays the traffic of connections *dialed to* its
+server: peers that find the server through the swarm dial the announced relay, but a connection the
+server itself dialed (e.g. to a server that started earlier) carries the other peer's delay instead.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ class DelayRelay:
         self.delay_s, self.drop = delay_s, drop
         self.port: int | None = None
         self.accepted = 0  # connections accepted so far
-        self.resets = 0  # connections reset by ``drop`` or ``reset_all``
+        self.resets = 0  # resets caused by ``drop`` or ``reset_all``
         self._random = random.Random(seed)
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,7 +170,11 @@ class DelayRelay:
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
+        links = list(self._links)
         await self._reset_all(count=False)
+        pipes = [task for link in links for task in link.tasks]
+        if pipes:
+            await asyncio.wait(pipes, timeout=1.0)  # let them finish before the loop stops
 
     async def _reset_all(self, *, count: bool = True) -> int:
         links = list(self._links)
@@ -207,12 +217,12 @@ class _Link:
         self.relay = relay
         self.writers = (client[1], target[1])
         self.pipes = (client[0], target[1]), (target[0], client[1])
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
-        self._tasks = [asyncio.create_task(self._pipe(reader, writer)) for reader, writer in self.pipes]
+        self.tasks = [asyncio.create_task(self._pipe(reader, writer)) for reader, writer in self.pipes]
         try:
-            await asyncio.gather(*self._tasks)
+            await asyncio.gather(*self.tasks)
         except (_Reset, OSError, asyncio.CancelledError):
             self.reset()
         else:
@@ -220,7 +230,7 @@ class _Link:
                 writer.close()
 
     def reset(self) -> None:
-        for task in self._tasks:
+        for task in self.tasks:
             task.cancel()
         for writer in self.writers:
             _reset(writer)
@@ -232,6 +242,7 @@ class _Link:
             await self._deliver(queue, writer)
         finally:
             feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
 
     async def _feed(
         self, reader: asyncio.StreamReader, queue: asyncio.Queue[tuple[float, bytes | None]]

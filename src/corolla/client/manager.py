@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -11,8 +12,8 @@ from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 
 from corolla.client.bans import BanList
-from corolla.client.routing import Hop, make_route
-from corolla.client.transport import EventLoopThread
+from corolla.client.routing import Hop, latency_route, throughput_route
+from corolla.client.transport import EventLoopThread, measure_rtt
 from corolla.config import ClientConfig, NetworkConfig
 from corolla.errors import MissingBlocks
 from corolla.swarm.dht import start_dht
@@ -20,6 +21,8 @@ from corolla.swarm.registry import fetch_block_records
 from corolla.swarm.spans import ServerSpan, missing_blocks, spans_from_records
 
 logger = logging.getLogger(__name__)
+
+RTT_TTL = 60.0  # seconds before a server's round-trip time is measured again
 
 
 class SequenceManager:
@@ -34,6 +37,7 @@ class SequenceManager:
         self.loop = EventLoopThread.get()
         self.p2p: P2P = self.loop.run(self.dht.replicate_p2p(), timeout=30)
         self.bans = BanList(config.ban_timeout)
+        self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._spans: list[ServerSpan] = []
         self._updated = 0.0
         atexit.register(self.shutdown)
@@ -55,16 +59,43 @@ class SequenceManager:
         logger.warning("%s; retrying on other servers", account)
         return account
 
-    def route(self, start: int = 0, end: int | None = None, *, cause: str | None = None) -> list[Hop]:
-        """A chain of ONLINE, unbanned servers for blocks ``start..end-1``; waits a bounded time for
-        missing blocks, then raises ``MissingBlocks`` (with ``cause``: what failed before)."""
+    def rtts(self, spans: list[ServerSpan]) -> dict[str, float]:
+        """Round-trip times to these servers, measured (in parallel) when unknown or older than
+        ``RTT_TTL``; a server that does not answer gets ``inf``."""
+        now = time.monotonic()
+        stale = sorted(
+            {s.peer_id for s in spans if now - self._rtt.get(s.peer_id, (0.0, -RTT_TTL))[1] >= RTT_TTL}
+        )
+        if stale:
+
+            async def measure_all() -> list[float]:
+                return await asyncio.gather(*(measure_rtt(self.p2p, PeerID.from_base58(p)) for p in stale))
+
+            for peer, rtt in zip(stale, self.loop.run(measure_all(), timeout=10), strict=True):
+                self._rtt[peer] = (rtt, now)
+        return {peer: rtt for peer, (rtt, _) in self._rtt.items()}
+
+    def _make_route(self, spans: list[ServerSpan], start: int, end: int, banned: frozenset[str],
+                    mode: str) -> list[Hop] | None:  # fmt: skip
+        if mode == "latency":
+            usable = [s for s in spans if s.peer_id not in banned]
+            return latency_route(spans, start, end, rtt=self.rtts(usable), banned=banned)
+        return throughput_route(spans, start, end, banned=banned)
+
+    def route(
+        self, start: int = 0, end: int | None = None, *, cause: str | None = None, mode: str = "latency"
+    ) -> list[Hop]:
+        """A chain of ONLINE, unbanned servers for blocks ``start..end-1``: with the least expected
+        latency per step (``mode="latency"``, for inference) or the most throughput (``"throughput"``,
+        for long forward passes). Waits a bounded time for missing blocks, then raises
+        ``MissingBlocks`` (with ``cause``: what failed before)."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.config.max_wait_for_blocks
         refresh = cause is not None  # a failure: the view may be stale
         while True:
             spans = self.spans(refresh=refresh)
             banned = self.bans.banned()
-            route = make_route(spans, start, end, banned=banned)
+            route = self._make_route(spans, start, end, banned, mode)
             if route is not None:
                 logger.debug("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
                 return route

@@ -1,10 +1,28 @@
-"""Pure routing policy: a chain of servers covering blocks ``[start, end)``."""
+"""Pure routing policy: a chain of servers covering blocks ``[start, end)``.
+
+Three policies over the same swarm view (a list of ``ServerSpan``):
+
+- ``make_route``: fewest hops (greedy: from each position, the server reaching furthest).
+- ``latency_route``: for inference, the least expected latency per step: per hop, the client's
+  round trip to the server plus the compute time of its blocks, plus a small per-hop penalty.
+- ``throughput_route``: for forward/backward on long sequences, the chain whose slowest server is
+  fastest (the bottleneck), then fewest hops.
+
+Each returns ``None`` when some block has no usable (not banned) server, and ``[]`` for an
+empty range. Ties are broken deterministically, whatever the order of ``spans``.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from corolla.swarm.spans import ServerSpan
+
+DEFAULT_RTT = 0.05  # s: a server the client has not measured yet
+HOP_PENALTY = 0.002  # s per hop: one more RPC to encode, schedule and decode
+MIN_THROUGHPUT = 1.0  # tokens/s per block: the floor for servers announcing 0 (1 s per block)
 
 
 @dataclass(frozen=True)
@@ -33,3 +51,121 @@ def make_route(
         route.append(Hop(best.peer_id, position, hop_end))
         position = hop_end
     return route
+
+
+# --- least latency per inference step -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Expected seconds per inference step: per hop, the round trip to its server (``rtt``,
+    unmeasured: ``default_rtt``) + its blocks / the server's throughput (at least
+    ``min_throughput``) + ``hop_penalty``."""
+
+    rtt: Mapping[str, float]
+    default_rtt: float = DEFAULT_RTT
+    hop_penalty: float = HOP_PENALTY
+    min_throughput: float = MIN_THROUGHPUT
+
+    def hop(self, span: ServerSpan, blocks: int) -> float:
+        rtt = self.rtt.get(span.peer_id, self.default_rtt)
+        return rtt + self.hop_penalty + blocks / max(span.info.throughput, self.min_throughput)
+
+    def route(self, route: list[Hop], spans: list[ServerSpan]) -> float:
+        """The expected latency of ``route``, whose servers are among ``spans``."""
+        by_peer = {s.peer_id: s for s in spans}
+        return sum(self.hop(by_peer[h.peer_id], h.end - h.start) for h in route)
+
+
+@dataclass(frozen=True)
+class _Label:
+    """The best way found so far to reach a block boundary: its cost and its last hop."""
+
+    cost: float
+    hops: int
+    last: Hop | None  # None at the start position
+
+
+def latency_route(
+    spans: list[ServerSpan],
+    start: int,
+    end: int,
+    *,
+    rtt: Mapping[str, float],
+    banned: frozenset[str] = frozenset(),
+    default_rtt: float = DEFAULT_RTT,
+    hop_penalty: float = HOP_PENALTY,
+    min_throughput: float = MIN_THROUGHPUT,
+) -> list[Hop] | None:
+    """The chain with the least expected latency per inference step (see ``LatencyModel``).
+
+    A shortest path over the block boundaries ``start..end``: a server with ``s.start <= p < s.end``
+    takes the sequence from ``p`` to any ``q`` in ``(p, min(s.end, end)]``. Every edge goes forward,
+    so one pass in order of position is exact. Ties: fewer hops, then smaller (peer id, -end) hops."""
+    if start >= end:
+        return []
+    model = LatencyModel(rtt, default_rtt, hop_penalty, min_throughput)
+    usable = sorted((s for s in spans if s.peer_id not in banned), key=lambda s: (s.peer_id, s.start, s.end))
+    labels: dict[int, _Label] = {start: _Label(0.0, 0, None)}
+    for position in range(start, end):
+        if position in labels:
+            for span in usable:
+                if span.start <= position < span.end:
+                    _relax(labels, model, span, position, end)
+    return _trace(labels, labels[end]) if end in labels else None
+
+
+def _relax(labels: dict[int, _Label], model: LatencyModel, span: ServerSpan, position: int, end: int) -> None:
+    """Offer every hop of ``span`` from ``position`` to the boundaries it can reach."""
+    here = labels[position]
+    for to in range(position + 1, min(span.end, end) + 1):
+        label = _Label(
+            here.cost + model.hop(span, to - position), here.hops + 1, Hop(span.peer_id, position, to)
+        )
+        current = labels.get(to)
+        if current is None or _better(label, current, labels):
+            labels[to] = label
+
+
+def _better(new: _Label, old: _Label, labels: dict[int, _Label]) -> bool:
+    if not math.isclose(new.cost, old.cost, rel_tol=1e-9, abs_tol=1e-12):
+        return new.cost < old.cost
+    if new.hops != old.hops:
+        return new.hops < old.hops
+    return _tie_key(labels, new) < _tie_key(labels, old)
+
+
+def _tie_key(labels: dict[int, _Label], label: _Label) -> tuple[tuple[str, int], ...]:
+    """The route ending with ``label`` as comparable hops, first hop first."""
+    return tuple((h.peer_id, -h.end) for h in _trace(labels, label))
+
+
+def _trace(labels: dict[int, _Label], label: _Label) -> list[Hop]:
+    """The hops of the route that ends with ``label``, first hop first."""
+    hops: list[Hop] = []
+    while label.last is not None:
+        hops.append(label.last)
+        label = labels[label.last.start]
+    return hops[::-1]
+
+
+# --- most throughput for long sequences ------------------------------------------------------
+
+
+def throughput_route(
+    spans: list[ServerSpan], start: int, end: int, *, banned: frozenset[str] = frozenset()
+) -> list[Hop] | None:
+    """The chain whose slowest server has the highest throughput; among those, the fewest hops
+    (``make_route`` over the servers at least that fast)."""
+    usable = [s for s in spans if s.peer_id not in banned]
+    for floor in sorted({s.info.throughput for s in usable}, reverse=True):
+        route = make_route([s for s in usable if s.info.throughput >= floor], start, end)
+        if route is not None:
+            return route
+    return [] if start >= end else None
+
+
+def bottleneck(route: list[Hop], spans: list[ServerSpan]) -> float:
+    """The lowest announced throughput along ``route`` (``inf`` for an empty route)."""
+    by_peer = {s.peer_id: s for s in spans}
+    return min((by_peer[h.peer_id].info.throughput for h in route), default=math.inf)

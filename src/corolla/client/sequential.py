@@ -18,7 +18,7 @@ def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tens
     are retried on another route."""
     position, failures, cause = 0, 0, None
     while position < manager.num_blocks:
-        hop = manager.route(position, cause=cause)[0]
+        hop = manager.route(position, cause=cause, mode="throughput")[0]
         try:
             hidden = manager.loop.run(
                 call_forward(manager.p2p, manager.peer(hop), hop.start, hop.end, hidden),

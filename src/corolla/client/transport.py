@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from corolla.protocol.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PING,
     ForwardRequest,
     InferenceOpen,
     InferenceStep,
@@ -118,6 +120,24 @@ async def call_info(p2p: P2P, peer_id: PeerID) -> ServerInfoReply:
             f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}"
         ) from e
     return ServerInfoReply.model_validate_json(response.metadata)
+
+
+async def measure_rtt(p2p: P2P, peer_id: PeerID, *, pings: int = 2, timeout: float = 2.0) -> float:
+    """The best of a few ``ping`` round trips to a server, in seconds (``inf`` if it does not answer)."""
+    best = float("inf")
+    for _ in range(pings):
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                p2p.call_protobuf_handler(
+                    peer_id, RPC_PING, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+                ),
+                timeout,
+            )
+        except Exception:
+            return best
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 class InferenceStream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -185,13 +186,20 @@ def test_reset_all_and_stop_reset_open_connections() -> None:
 
 def test_unreachable_target_resets_the_dialer() -> None:
     async def test() -> None:
-        with DelayRelay("127.0.0.1", free_port(), delay_s=0.0) as relay:
-            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-            with pytest.raises(ConnectionResetError):
-                await reader.read(10)
-            writer.close()
+        with socket.socket() as closed:  # bound, not listening: refused, and no one else can take it
+            closed.bind(("127.0.0.1", 0))
+            with DelayRelay("127.0.0.1", closed.getsockname()[1], delay_s=0.0) as relay:
+                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                with pytest.raises(ConnectionResetError):
+                    await reader.read(10)
+                writer.close()
 
     run(test)
+
+
+def test_free_port_is_bindable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", free_port()))
 
 
 @pytest.mark.parametrize("host", ["10.0.0.1", "192.168.1.1", "8.8.8.8", "0.0.0.0", "::", "example.com", ""])

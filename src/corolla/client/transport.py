@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 # errors after which a client routes around the server (the server, not the request, is at fault)
 RETRIABLE: tuple[type[Exception], ...] = (ServerUnavailable, RemoteError)
+LIVENESS_PERIOD = 1.0  # seconds a step may take before the client checks that the server is alive
 
 
 class EventLoopThread:
@@ -176,7 +177,7 @@ class InferenceStream:
                     self.peer_id, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
                 )
             self._outbox.put_nowait(_request(meta, hidden))
-            response = await asyncio.wait_for(anext(self._responses), timeout)
+            response = await self._receive(timeout)
         except StopAsyncIteration:
             raise ServerUnavailable(f"server ...{self.peer[-8:]} closed the session") from None
         except TimeoutError:
@@ -191,6 +192,30 @@ class InferenceStream:
         out, _ = _result(response, self.peer)
         self.position = position + hidden.shape[1]
         return out
+
+    async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
+        """The next response. While it takes longer than ``LIVENESS_PERIOD``, ping the server: a
+        killed server is noticed within seconds, not when ``timeout`` runs out (hivemind's stream
+        reader does not end while our side of the stream is idle)."""
+        assert self._responses is not None
+        receive = asyncio.ensure_future(anext(self._responses))
+        deadline = time.monotonic() + timeout
+        while True:
+            done, _ = await asyncio.wait(
+                {receive}, timeout=min(LIVENESS_PERIOD, max(0.0, deadline - time.monotonic()))
+            )
+            if done:
+                return receive.result()
+            if time.monotonic() >= deadline:
+                receive.cancel()
+                raise TimeoutError
+            if await measure_rtt(self.p2p, self.peer_id, pings=1, timeout=2 * LIVENESS_PERIOD) == float(
+                "inf"
+            ):
+                receive.cancel()
+                raise ServerUnavailable(
+                    f"server ...{self.peer[-8:]} stopped answering (its connection is gone)"
+                )
 
     async def close(self) -> None:
         self._outbox.put_nowait(None)

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import threading
 import time
 
 from hivemind import DHT
@@ -40,7 +41,18 @@ class SequenceManager:
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._spans: list[ServerSpan] = []
         self._updated = 0.0
+        self._stop = threading.Event()
         atexit.register(self.shutdown)
+        threading.Thread(target=self._refresh_forever, name="corolla-swarm-view", daemon=True).start()
+
+    def _refresh_forever(self) -> None:
+        """Keep the swarm view (records and round-trip times) fresh in the background, so routing
+        rarely waits for the DHT; failures are retried next period."""
+        while not self._stop.wait(self.config.update_period):
+            try:
+                self.rtts(self.spans(refresh=True))
+            except Exception as e:
+                logger.debug("background refresh of the swarm view failed: %s", e)
 
     def spans(self, *, refresh: bool = False) -> list[ServerSpan]:
         if refresh or time.monotonic() - self._updated > self.config.update_period:
@@ -113,6 +125,7 @@ class SequenceManager:
     def shutdown(self) -> None:
         """Close the P2P handle (and the DHT peer, if this manager started it); idempotent."""
         atexit.unregister(self.shutdown)
+        self._stop.set()
         with contextlib.suppress(Exception):
             self.loop.run(self.p2p.shutdown(), timeout=5)
         if self._own_dht:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from corolla.cli.local_swarm import LocalServer, start_dht_peer
+from helpers.models import save_tiny_llama
 
 NUM_BLOCKS = 6
 
@@ -16,21 +17,13 @@ NUM_BLOCKS = 6
 @pytest.fixture(scope="session")
 def tiny_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (6 blocks, grouped-query attention, fp32, seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_gqa"),
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=NUM_BLOCKS,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_gqa")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +44,10 @@ def local_model(tiny_gqa_dir: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def tiny30_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with 30 blocks (like the built-in model), for block-placement tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128,
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny30"),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=30,
-        num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=256,
     )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny30")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    return path

@@ -103,7 +103,9 @@ def test_uncovered_blocks_get_covered_by_rebalancing_while_a_client_generates(
             with torch.no_grad():
                 expected = local30.generate(ids, max_new_tokens=12, do_sample=False)
             assert torch.equal(result["tokens"], expected)
-            assert re.search(r"moving from blocks 0:10 to 20:30", movable.log_path.read_text())
+            # the movable server ends on the blocks nobody held (if it checked before the pinned
+            # 10:20 server was up, it first moved there, then on to 20:30)
+            assert re.search(r"moving from blocks \d+:\d+ to 20:30", movable.log_path.read_text())
         finally:
             model.manager.shutdown()
     finally:

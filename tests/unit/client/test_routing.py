@@ -7,22 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from corolla.client.routing import Hop, LatencyModel, bottleneck, latency_route, make_route, throughput_route
-from corolla.protocol.records import ServerInfo, ServerState
 from corolla.swarm.spans import ServerSpan
-
-
-def span(peer_id: str, start: int, end: int, throughput: float = 1.0) -> ServerSpan:
-    record = ServerInfo(
-        state=ServerState.ONLINE,
-        start_block=start,
-        end_block=end,
-        throughput=throughput,
-        torch_dtype="float32",
-        version="0.1.0",
-        max_inference_length=1024,
-        cache_tokens_left=4096,
-    )
-    return ServerSpan(peer_id, start, end, record)
+from helpers.swarm import span
 
 
 def test_single_server_covering_everything() -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, DynamicCache, LlamaForCausalLM, PretrainedConfig
+from transformers import DynamicCache, LlamaForCausalLM, PretrainedConfig
 
 from corolla.models.span import SpanModel, build_span_on_meta, span_config
 from corolla.runtime.loader import load_span
@@ -12,16 +12,6 @@ from corolla.runtime.loader import load_span
 CPU = torch.device("cpu")
 NUM_BLOCKS = 4  # tiny_llama_dir's depth
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def full_model(tiny_llama_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def config(tiny_llama_dir: Path) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

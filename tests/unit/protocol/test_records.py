@@ -6,22 +6,19 @@ from typing import Any
 import pytest
 
 from corolla.protocol.records import RECORD_VERSION, ServerInfo, ServerState
+from helpers.swarm import record
 
 
 def make_info(**overrides: Any) -> ServerInfo:
     values: dict[str, Any] = {
-        "state": ServerState.ONLINE,
-        "start_block": 2,
-        "end_block": 5,
         "throughput": 3.5,
         "torch_dtype": "bfloat16",
         "public_name": "alice's gpu",
-        "version": "0.1.0",
         "max_inference_length": 2048,
         "cache_tokens_left": 512,
+        **overrides,
     }
-    values.update(overrides)
-    return ServerInfo(**values)
+    return record(2, 5, **values)
 
 
 def test_wire_form_is_plain_json_data() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import LlamaForCausalLM, PretrainedConfig
 
 from corolla.errors import ModelNotFound
 from corolla.runtime import loader
@@ -15,16 +15,6 @@ from corolla.runtime.loader import load_span, parameter_bytes, span_state_dict, 
 
 CPU = torch.device("cpu")
 NUM_BLOCKS = 4  # tiny_llama_dir's depth
-
-
-@pytest.fixture(scope="module")
-def full_model(tiny_llama_dir: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def config(tiny_llama_dir: Path) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,14 @@ from corolla.runtime.memory import (
     num_blocks_for,
     plan_num_blocks,
 )
+from helpers.models import tiny_llama_config
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    return tiny_llama_config()
 
 
 def test_plan_is_the_floor_of_usable_memory_over_block_plus_cache() -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from corolla.errors import ConfigError
 from corolla.runtime.throughput import (
@@ -26,6 +25,7 @@ from corolla.runtime.throughput import (
     network_tokens_per_s,
     resolve_throughput,
 )
+from helpers.models import tiny_llama_config
 
 CPU = torch.device("cpu")
 COMPUTE = ComputeThroughput(forward_tokens_per_s=5000.0, inference_steps_per_s=100.0)
@@ -213,15 +213,7 @@ def test_invalid_mode_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_measure_compute_on_a_tiny_model_is_positive_and_quick() -> None:
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = tiny_llama_config()
     started = time.perf_counter()
     result = measure_compute(
         config, CPU, torch.float32, forward_tokens=64, forward_repeats=2, inference_steps=10, progress=False

@@ -2,23 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from corolla.protocol.records import ServerInfo, ServerState
 from corolla.swarm.balance import block_throughputs, choose_span
-from corolla.swarm.spans import ServerSpan
-
-
-def span(peer_id: str, start: int, end: int, throughput: float) -> ServerSpan:
-    record = ServerInfo(
-        state=ServerState.ONLINE,
-        start_block=start,
-        end_block=end,
-        throughput=throughput,
-        torch_dtype="float32",
-        version="0.1.0",
-        max_inference_length=1024,
-        cache_tokens_left=4096,
-    )
-    return ServerSpan(peer_id, start, end, record)
+from helpers.swarm import span
 
 
 def test_block_throughputs_sum_overlapping_servers() -> None:

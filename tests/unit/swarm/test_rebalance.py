@@ -6,23 +6,9 @@ import random
 
 import pytest
 
-from corolla.protocol.records import ServerInfo, ServerState
 from corolla.swarm.balance import bottleneck, leaving_disconnects, should_move
 from corolla.swarm.spans import ServerSpan
-
-
-def span(peer_id: str, start: int, end: int, throughput: float = 1.0) -> ServerSpan:
-    record = ServerInfo(
-        state=ServerState.ONLINE,
-        start_block=start,
-        end_block=end,
-        throughput=throughput,
-        torch_dtype="float32",
-        version="0.1.0",
-        max_inference_length=1024,
-        cache_tokens_left=4096,
-    )
-    return ServerSpan(peer_id, start, end, record)
+from helpers.swarm import span
 
 
 def move(spans: list[ServerSpan], me: str, num_blocks: int, quality: float = 0.75, **kw) -> tuple | None:

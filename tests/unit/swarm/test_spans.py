@@ -4,21 +4,7 @@ import pytest
 
 from corolla.protocol.records import ServerInfo, ServerState
 from corolla.swarm.spans import BlockRecords, ServerSpan, coverage, missing_blocks, spans_from_records
-
-
-def info(
-    start: int, end: int, *, state: ServerState = ServerState.ONLINE, throughput: float = 1.0
-) -> ServerInfo:
-    return ServerInfo(
-        state=state,
-        start_block=start,
-        end_block=end,
-        throughput=throughput,
-        torch_dtype="float32",
-        version="0.1.0",
-        max_inference_length=1024,
-        cache_tokens_left=4096,
-    )
+from helpers.swarm import record as info
 
 
 def records(num_blocks: int, servers: dict[str, tuple[ServerInfo, list[int]]]) -> BlockRecords:

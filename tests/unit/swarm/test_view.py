@@ -18,6 +18,7 @@ from corolla.swarm.view import (
     short_peer_id,
     to_json,
 )
+from helpers import swarm
 
 ALICE = "12D3KooWAliceAliceAliceAliceAliceAliceAliceAli11111111"
 BOB = "12D3KooWBobBobBobBobBobBobBobBobBobBobBobBobBob22222222"
@@ -32,17 +33,7 @@ def info(
     name: str | None = None,
     throughput: float = 100.0,
 ) -> ServerInfo:
-    return ServerInfo(
-        state=state,
-        start_block=start,
-        end_block=end,
-        throughput=throughput,
-        torch_dtype="float32",
-        public_name=name,
-        version="0.1.0",
-        max_inference_length=1024,
-        cache_tokens_left=4096,
-    )
+    return swarm.record(start, end, state=state, throughput=throughput, public_name=name)
 
 
 def records(num_blocks: int, *servers: tuple[str, ServerInfo]) -> BlockRecords:

@@ -1,0 +1,1 @@
+"""Builders shared by the test suite (not tests themselves; on the path via pytest's ``pythonpath``)."""

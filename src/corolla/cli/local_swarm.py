@@ -96,6 +96,22 @@ class LocalServer:
         return self.process.returncode
 
 
+def server_args(model: str, span: tuple[int, int], host_maddr: str, initial_peers: Sequence[str],
+                extra_args: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """``corolla serve`` arguments for one server on ``span``: it joins ``initial_peers`` or, with
+    none, starts a new swarm."""
+    swarm = ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
+    return [
+        model,
+        "--block_indices",
+        f"{span[0]}:{span[1]}",
+        "--host_maddrs",
+        host_maddr,
+        *swarm,
+        *extra_args,
+    ]
+
+
 def start_swarm(
     model: str,
     splits: Sequence[tuple[int, int]],
@@ -111,16 +127,7 @@ def start_swarm(
     try:
         peers = list(initial_peers)
         for i, (start, end) in enumerate(splits):
-            swarm = ["--initial_peers", *peers] if peers else ["--new_swarm"]
-            args = [
-                model,
-                "--block_indices",
-                f"{start}:{end}",
-                "--host_maddrs",
-                LOOPBACK,
-                *swarm,
-                *extra_args,
-            ]
+            args = server_args(model, (start, end), LOOPBACK, peers, extra_args)
             servers.append(LocalServer(args, env=env, log_dir=log_dir, name=f"server{i}-{start}-{end}"))
             if not peers:
                 peers = [servers[0].wait_ready()]

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from corolla.cli.local_swarm import LocalServer
+from corolla.cli.local_swarm import LocalServer, server_args
 
 T = TypeVar("T")
 CHUNK_BYTES = 64 * 1024
@@ -297,18 +297,8 @@ def start_delayed_server(
     relay = DelayRelay("127.0.0.1", port, delay_s=delay_s, drop=drop)
     relay.start()
     start, end = block_indices
-    swarm = ["--initial_peers", *initial_peers] if initial_peers else ["--new_swarm"]
-    args = [
-        model,
-        "--block_indices",
-        f"{start}:{end}",
-        "--host_maddrs",
-        f"/ip4/127.0.0.1/tcp/{port}",
-        "--announce_maddrs",
-        relay.maddr,
-        *swarm,
-        *extra_args,
-    ]
+    announce = ["--announce_maddrs", relay.maddr, *extra_args]
+    args = server_args(model, block_indices, f"/ip4/127.0.0.1/tcp/{port}", initial_peers, announce)
     server: LocalServer | None = None
     try:
         name = f"delayed{int(delay_s * 1000)}ms-{start}-{end}-{relay.port}"

@@ -287,8 +287,9 @@ def _default_signal_handlers() -> None:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    """``1536`` -> ``"1.5 KiB"``."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n, power = n / 1024, power + 1
+    return f"{int(n)} B" if power == 0 else f"{n:.1f} {units[power]}"

@@ -262,6 +262,7 @@ class Server:
         """Announce OFFLINE, let in-flight requests end, close everything; each step is bounded,
         since the P2P daemon may already be gone (a terminal's Ctrl-C reaches it too)."""
         self.handler.stopping.set()  # new requests are refused, waiting sessions get a clear error
+        asyncio.get_running_loop().set_exception_handler(_quiet_connection_errors)
         hosting, span = self.handler.hosting, self.span
         sessions = len(hosting.sessions) if hosting is not None else 0
         steps = [
@@ -279,6 +280,15 @@ class Server:
                 logger.warning("shutdown: could not %s (%s)", what, type(e).__name__)
         if hosting is not None:
             hosting.backend.shutdown()
+
+
+def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """While shutting down, hivemind's background tasks fail when its daemon is already gone
+    (a terminal's Ctrl-C reaches it too): log that quietly instead of printing tracebacks."""
+    if isinstance(context.get("exception"), ConnectionError):
+        logger.debug("during shutdown: %s", context.get("message"))
+    else:
+        loop.default_exception_handler(context)
 
 
 def _default_signal_handlers() -> None:

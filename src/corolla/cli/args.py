@@ -174,6 +174,17 @@ def run_command(prog: str, body: Callable[[], None]) -> int:
     return 0
 
 
+def run_client_command(
+    prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None,
+) -> int:  # fmt: skip
+    """The entry point of a client-side command (generate, demo, swarm): quiet logs, parse, run."""
+    setup_logging(logging.WARNING)
+    args = parser.parse_args(argv)
+    route_hivemind_logs()
+    return run_command(prog, lambda: run(args))
+
+
 def report_error(prog: str, error: BaseException) -> int:
     """Print ``error`` as one line on stderr; return the exit status (2)."""
     message = " ".join(str(error).split()) or type(error).__name__

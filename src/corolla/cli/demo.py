@@ -4,12 +4,11 @@ streamed through it, the route it took, then everything shut down."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Sequence
 
-from corolla.cli.args import route_hivemind_logs, run_command, setup_logging
+from corolla.cli.args import run_client_command
 from corolla.cli.generate import encode_prompt
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 
@@ -66,10 +65,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    route_hivemind_logs()
-    return run_command(PROG, lambda: run(args))
+    return run_client_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
-from corolla.cli.args import route_hivemind_logs, run_command, setup_logging
+from corolla.cli.args import run_client_command
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 
 PROG = "corolla generate"
@@ -87,10 +86,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    route_hivemind_logs()
-    return run_command(PROG, lambda: run(args))
+    return run_client_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

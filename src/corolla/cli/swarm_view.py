@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from corolla.cli.args import route_hivemind_logs, run_command, setup_logging
+from corolla.cli.args import route_hivemind_logs, run_client_command
 from corolla.config import BUILTIN_MODEL, NetworkConfig, default_cache_dir
 from corolla.errors import ConfigError, ModelNotFound
 
@@ -118,9 +117,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_logging(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    return run_command(PROG, lambda: run(args))
+    return run_client_command(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,26 @@ def run_command(prog: str, body: Callable[[], None]) -> int:
     return 0
 
 
+def client_parser(prog: str, description: str | None, *, swarm: bool = True) -> argparse.ArgumentParser:
+    """The parser of a client-side command: ``--cache_dir``, and with ``swarm`` the swarm to talk to
+    (``MODEL``, ``--initial_peers``, ``--dht_prefix``); the command adds its own flags."""
+    from corolla.config import BUILTIN_MODEL, default_cache_dir
+
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    if swarm:
+        p.add_argument(
+            "model", nargs="?", default=BUILTIN_MODEL, help="model name or path (as given to corolla serve)"
+        )
+        p.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
+        p.add_argument(
+            "--dht_prefix", default=None, help="the model's name in the DHT (default: from the model)"
+        )
+    p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
+    return p
+
+
 def run_client_command(
     prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
     argv: Sequence[str] | None,

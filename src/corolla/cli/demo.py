@@ -8,21 +8,18 @@ import sys
 import time
 from collections.abc import Sequence
 
-from corolla.cli.args import run_client_command
+from corolla.cli.args import client_parser, run_client_command
 from corolla.cli.generate import encode_prompt
-from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.config import BUILTIN_MODEL
 
 PROG = "corolla demo"
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = client_parser(PROG, __doc__, swarm=False)
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="what to ask the model")
     p.add_argument("--max_new_tokens", type=int, default=64, help="most tokens to generate")
-    p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     return p
 
 

@@ -7,22 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from corolla.cli.args import run_client_command
-from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.cli.args import client_parser, run_client_command
 
 PROG = "corolla generate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "model", nargs="?", default=BUILTIN_MODEL, help="model name or path (as given to corolla serve)"
-    )
+    p = client_parser(PROG, __doc__)
     p.add_argument("prompt", help="what to ask; the model's chat template is applied when it has one")
-    p.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
-    p.add_argument("--dht_prefix", default=None, help="the model's name in the DHT (default: from the model)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding; > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
@@ -33,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object (text, token_ids, route) instead of streaming text",
     )
-    p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     return p
 
 

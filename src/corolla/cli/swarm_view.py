@@ -8,22 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from corolla.cli.args import route_hivemind_logs, run_client_command
-from corolla.config import BUILTIN_MODEL, NetworkConfig, default_cache_dir
+from corolla.cli.args import client_parser, run_client_command
+from corolla.config import NetworkConfig
 from corolla.errors import ConfigError, ModelNotFound
 
 PROG = "corolla swarm"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "model", nargs="?", default=BUILTIN_MODEL, help="model name or path (as given to corolla serve)"
-    )
-    p.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
-    p.add_argument("--dht_prefix", default=None, help="the model's name in the DHT (default: from the model)")
+    p = client_parser(PROG, __doc__)
     p.add_argument(
         "--num_blocks",
         type=positive_int,
@@ -35,7 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object (one line) instead of the table"
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the DHT's answer")
-    p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     return p
 
 
@@ -106,7 +98,6 @@ def run(args: argparse.Namespace) -> None:
     from corolla.swarm.registry import fetch_block_records
     from corolla.swarm.view import build_view, render_text, to_json
 
-    route_hivemind_logs()
     dht = start_dht(network, client_mode=True)
     try:
         records = fetch_block_records(dht, dht_prefix, num_blocks, timeout=args.timeout)

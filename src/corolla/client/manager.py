@@ -16,7 +16,7 @@ from corolla.client.bans import BanList
 from corolla.client.routing import Hop, latency_route, throughput_route
 from corolla.client.transport import EventLoopThread, measure_rtt
 from corolla.config import ClientConfig, NetworkConfig
-from corolla.errors import MissingBlocks
+from corolla.errors import MissingBlocks, ServerUnavailable
 from corolla.swarm.dht import start_dht
 from corolla.swarm.registry import fetch_block_records
 from corolla.swarm.spans import ServerSpan, missing_blocks, spans_from_records
@@ -61,13 +61,16 @@ class SequenceManager:
             self._updated = time.monotonic()
         return self._spans
 
-    def failed(self, hop: Hop, error: Exception) -> str:
-        """Ban a server that failed; returns a one-line account for logs and errors."""
+    def failed(self, hop: Hop, error: Exception, failures: int) -> str:
+        """Ban a server that failed; returns a one-line account for logs and errors. After more
+        than ``max_retries`` failures of one request, gives up with ``ServerUnavailable``."""
         seconds = self.bans.ban(hop.peer_id)
         account = (
             f"server ...{hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
             f"banned for {seconds:.0f} s"
         )
+        if failures > self.config.max_retries:
+            raise ServerUnavailable(f"giving up after {failures} failed servers; last: {account}") from error
         logger.warning("%s; retrying on other servers", account)
         return account
 

@@ -8,7 +8,6 @@ import torch
 
 from corolla.client.manager import SequenceManager
 from corolla.client.transport import RETRIABLE, call_forward
-from corolla.errors import ServerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +25,7 @@ def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tens
             )
         except RETRIABLE as e:
             failures += 1
-            cause = manager.failed(hop, e)
-            if failures > manager.config.max_retries:
-                raise ServerUnavailable(f"giving up after {failures} failed servers; last: {cause}") from e
+            cause = manager.failed(hop, e, failures)
             continue
         manager.bans.forgive(hop.peer_id)
         position = hop.end

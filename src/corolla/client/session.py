@@ -13,7 +13,7 @@ import torch
 from corolla.client.manager import SequenceManager
 from corolla.client.routing import Hop
 from corolla.client.transport import RETRIABLE, InferenceStream
-from corolla.errors import CorollaError, ServerUnavailable
+from corolla.errors import CorollaError
 from corolla.protocol.messages import PushTarget
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,8 @@ class InferenceSession:
         """Ban the failed server, route its blocks elsewhere and replay their inputs there, so the
         replacement servers hold the same KV cache; retried while servers keep failing."""
         failed = self._hops[index]
-        cause = self.manager.failed(failed.hop, error)
-        if failures > self.manager.config.max_retries:
-            raise ServerUnavailable(f"giving up after {failures} failed servers; last: {cause}") from error
         self._close_streams([failed])
+        cause = self.manager.failed(failed.hop, error, failures)
         history = torch.cat(failed.history, dim=1) if failed.history else None
         while True:
             then = self._hops[index + 1] if index + 1 < len(self._hops) else None
@@ -118,12 +116,8 @@ class InferenceSession:
                 break
             except _HopFailed as f:  # a replacement failed too: ban it and try again
                 failures += 1
-                cause = self.manager.failed(f.hop.hop, f.error)
                 self._close_streams(new_hops)
-                if failures > self.manager.config.max_retries:
-                    raise ServerUnavailable(
-                        f"giving up after {failures} failed servers; last: {cause}"
-                    ) from f.error
+                cause = self.manager.failed(f.hop.hop, f.error, failures)
         logger.info(
             "blocks %d:%d now on %s (replayed %d tokens)",
             failed.hop.start,

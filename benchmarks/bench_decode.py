@@ -41,7 +41,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from corolla.cli.generate import encode_prompt
 from corolla.cli.local_swarm import LocalServer, start_swarm
-from corolla.client.model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM
+from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.models.resolve import resolve_model
 
@@ -109,7 +109,7 @@ def local_generate(model: PreTrainedModel, input_ids: torch.Tensor, max_new_toke
     return run_from_clock(started, clock)
 
 
-def swarm_generate(model: DistributedLlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+def swarm_generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
     clock = TokenClock()
     started = time.perf_counter()
     with torch.no_grad(), model.inference_session(max_length=input_ids.shape[1] + max_new_tokens):

@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from corolla.cli.local_swarm import LocalServer, start_dht_peer, start_swarm, stop_all
 from corolla.cli.relay import DelayRelay, start_delayed_server
-from corolla.client.model import AutoDistributedModelForCausalLM, DistributedLlamaForCausalLM
+from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, ClientConfig, default_cache_dir
 from corolla.models.resolve import resolve_model
 
@@ -67,13 +67,13 @@ class KillServerAt(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def client(model: str, peer: str, **config: object) -> DistributedLlamaForCausalLM:
+def client(model: str, peer: str, **config: object) -> DistributedModelForCausalLM:
     return AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers=[peer], client_config=replace(ClientConfig(), **config)
     )
 
 
-def timed_generate(model: DistributedLlamaForCausalLM, ids: torch.Tensor, tokens: int) -> TokenTimes:
+def timed_generate(model: DistributedModelForCausalLM, ids: torch.Tensor, tokens: int) -> TokenTimes:
     clock = TokenTimes()
     with torch.no_grad():
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock)

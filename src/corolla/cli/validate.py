@@ -28,12 +28,12 @@ def check_server_config(config: ServerConfig) -> ServerPlan:
         resolve_dtype(config.torch_dtype, device, None)  # float16 on CPU: refuse before touching the model
     model = resolve_model(config.model, config.cache_dir)
     model_config = load_config(model.path)
-    architecture = check_supported(model_config)
+    family = check_supported(model_config)
     check_blocks(config, model.name, model_config.num_hidden_layers)
     dtype, warning = resolve_dtype(config.torch_dtype, device, checkpoint_dtype(model_config))
     if warning:
         logger.warning(warning)
-    return ServerPlan(model.path, model.name, model_config, architecture, device, dtype)
+    return ServerPlan(model.path, model.name, model_config, family, device, dtype)
 
 
 def check_blocks(config: ServerConfig, model_name: str, num_layers: int) -> None:

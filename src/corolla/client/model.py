@@ -7,6 +7,7 @@ streamers); inside an inference session each step sends only the new tokens."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,34 +15,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM, PretrainedConfig
+import transformers
+from accelerate import init_empty_weights
+from transformers import AutoConfig, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.client.manager import SequenceManager
 from corolla.client.sequential import remote_forward
 from corolla.client.session import InferenceSession
 from corolla.config import ClientConfig, default_cache_dir
-from corolla.models.families import check_supported
+from corolla.errors import ModelNotFound
+from corolla.models.families import Family, family_for
 from corolla.models.resolve import default_dht_prefix, resolve_model
-from corolla.runtime.loader import read_tensors, weight_files
+from corolla.models.span import span_config
+from corolla.runtime.loader import layer_pattern, load_into, read_tensors, weight_files
 
 logger = logging.getLogger(__name__)
 
 
-class DistributedLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` with remote decoder layers."""
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """The client half of a causal LM: mixed in front of the family's transformers class (see
+    ``distributed_class``), it keeps the embeddings, the final norm and the LM head, and sends
+    hidden states through the swarm where the model would run its decoder layers."""
 
+    family: Family
     manager: SequenceManager
 
     @classmethod
     def from_swarm(
         cls, model_dir: Path, config: PretrainedConfig, manager: SequenceManager
-    ) -> DistributedLlamaForCausalLM:
-        with torch.device("meta"):
-            model = cls(config)
-        model.model.layers = nn.ModuleList()  # the decoder blocks are remote
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    ) -> DistributedModelForCausalLM:
+        with init_empty_weights(include_buffers=False):
+            model = cls(span_config(config, 0, 0))  # no decoder layers: they are remote
+        model.config = config
         model._load_local_weights(model_dir)
         if (model_dir / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
@@ -51,18 +57,27 @@ class DistributedLlamaForCausalLM(LlamaForCausalLM):
         return model.eval().requires_grad_(False)
 
     def _load_local_weights(self, model_dir: Path) -> None:
+        """Every tensor of the checkpoint outside the decoder layers (embeddings, positions, norms,
+        the LM head), through transformers' own weight conversions."""
         files = weight_files(model_dir)
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in files
-        if not tied:
-            names.append("lm_head.weight")
-        tensors = read_tensors(files, names)
-        self.model.embed_tokens.load_state_dict({"weight": tensors[names[0]].float()}, assign=True)
-        self.model.norm.load_state_dict({"weight": tensors[names[1]].float()}, assign=True)
-        if tied:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            self.lm_head.load_state_dict({"weight": tensors["lm_head.weight"].float()}, assign=True)
+        pattern = layer_pattern(self.family)
+        local = {name for name, _ in self.named_parameters()} | {name for name, _ in self.named_buffers()}
+        names: dict[str, str] = {}
+        for name in files:
+            if pattern.match(name):
+                continue
+            prefixed = f"{self.family.body}.{name}"
+            names[name] = prefixed if name not in local and prefixed in local else name
+        tensors = read_tensors(files, list(names))
+        renamed = {names[k]: v for k, v in tensors.items()}
+        load_into(self, renamed, dtype=torch.float32, device=torch.device("cpu"))
+        if getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in names.values():
+            self.lm_head.weight = self.family.embeddings(self).weight
+        still_meta = [name for name, p in self.named_parameters() if p.device.type == "meta"]
+        if still_meta:
+            raise ModelNotFound(
+                f"checkpoint in {model_dir} lacks {', '.join(still_meta[:3])}; re-convert or re-download it"
+            )
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -137,19 +152,25 @@ class DistributedLlamaForCausalLM(LlamaForCausalLM):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        if self._active_session is not None:
-            hidden = self._active_session.step(inputs_embeds)
-        else:
-            hidden = remote_forward(self.manager, inputs_embeds)
-        hidden = self.model.norm(hidden)
+            inputs_embeds = self.family.embeddings(self)(input_ids)
+        session = self._active_session
+        hidden = self.family.first_hidden(self, inputs_embeds, session.position if session else 0)
+        hidden = session.step(hidden) if session is not None else remote_forward(self.manager, hidden)
+        hidden = self.family.final_norm(self)(hidden.to(inputs_embeds.dtype))
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep])
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         loss = self.loss_function(logits, labels, self.config.vocab_size) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-FAMILIES: dict[str, type[DistributedLlamaForCausalLM]] = {"LlamaForCausalLM": DistributedLlamaForCausalLM}
+@functools.cache
+def distributed_class(family: Family) -> type[DistributedModelForCausalLM]:
+    """``Distributed<Architecture>``: the family's transformers causal-LM class with remote blocks."""
+    base = getattr(transformers, family.architecture)
+    return type(f"Distributed{family.architecture}", (DistributedModelForCausalLM, base), {"family": family})
 
 
 class AutoDistributedModelForCausalLM:
@@ -164,13 +185,13 @@ class AutoDistributedModelForCausalLM:
         cache_dir: str | None = None,
         client_config: ClientConfig | None = None,
         dht: Any = None,
-    ) -> DistributedLlamaForCausalLM:
+    ) -> DistributedModelForCausalLM:
         resolved = resolve_model(model_name_or_path, cache_dir or default_cache_dir())
         config = AutoConfig.from_pretrained(resolved.path)
-        arch = check_supported(config)
+        family = family_for(config)
         prefix = dht_prefix or default_dht_prefix(resolved.name)
         client_config = client_config or ClientConfig()
         if initial_peers:
             client_config = replace(client_config, initial_peers=tuple(initial_peers))
         manager = SequenceManager(client_config, prefix, config.num_hidden_layers, dht=dht)
-        return FAMILIES[arch].from_swarm(resolved.path, config, manager)
+        return distributed_class(family).from_swarm(resolved.path, config, manager)

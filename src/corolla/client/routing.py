@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from corolla.swarm.spans import ServerSpan
 
@@ -32,6 +32,7 @@ class Hop:
     peer_id: str
     start: int
     end: int
+    dtype: str = field(default="float32", compare=False)  # the server's: activations travel in it
 
 
 def make_route(
@@ -48,7 +49,7 @@ def make_route(
             return None
         best = max(candidates, key=lambda s: (min(s.end, end), s.info.throughput, s.peer_id))
         hop_end = min(best.end, end)
-        route.append(Hop(best.peer_id, position, hop_end))
+        route.append(Hop(best.peer_id, position, hop_end, best.info.torch_dtype))
         position = hop_end
     return route
 
@@ -120,7 +121,9 @@ def _relax(labels: dict[int, _Label], model: LatencyModel, span: ServerSpan, pos
     here = labels[position]
     for to in range(position + 1, min(span.end, end) + 1):
         label = _Label(
-            here.cost + model.hop(span, to - position), here.hops + 1, Hop(span.peer_id, position, to)
+            here.cost + model.hop(span, to - position),
+            here.hops + 1,
+            Hop(span.peer_id, position, to, span.info.torch_dtype),
         )
         current = labels.get(to)
         if current is None or _better(label, current, labels):

@@ -20,7 +20,9 @@ def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tens
         hop = manager.route(position, cause=cause, mode="throughput")[0]
         try:
             hidden = manager.loop.run(
-                call_forward(manager.p2p, manager.peer(hop), hop.start, hop.end, hidden),
+                call_forward(
+                    manager.p2p, manager.peer(hop), hop.start, hop.end, hidden.to(getattr(torch, hop.dtype))
+                ),
                 timeout=manager.config.request_timeout,
             )
         except RETRIABLE as e:

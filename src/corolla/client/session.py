@@ -83,7 +83,7 @@ class InferenceSession:
     def _send(self, hop: _HopStream, hidden: torch.Tensor, step_id: int | None = None) -> torch.Tensor:
         timeout = self.manager.config.step_timeout
         step_id = self._step_id if step_id is None else step_id
-        step = hop.stream.step(hidden, self.position, timeout, step_id)
+        step = hop.stream.step(hidden.to(getattr(torch, hop.hop.dtype)), self.position, timeout, step_id)
         return self.manager.loop.run(step, timeout=timeout + 5)
 
     def _open(self, start: int, end: int, cause: str | None = None, then: _HopStream | None = None

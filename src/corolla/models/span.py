@@ -1,19 +1,31 @@
 """A contiguous span of a model's decoder blocks, runnable on its own.
 
-Generic for the Llama layout of transformers 5: ``model.model.layers[i]`` is called with
-hidden states, a causal mask, position ids, ``position_embeddings`` and a ``cache``. The
-span keeps its own config copy whose layers are numbered from 0, so a ``DynamicCache``
-made for the span, and ``create_causal_mask``, see only the span's layers.
+The layers are transformers' own, for any family in ``families.FAMILIES``. The span keeps its
+own config copy whose layers are numbered from 0, so a ``DynamicCache`` made for the span, and
+the mask functions, see only the span's layers. What the family's model does around its
+layers (position ids, rotary embeddings, ALiBi biases, one mask per attention kind) is redone
+here per call, from the positions the cache has already seen.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
-from transformers.masking_utils import create_causal_mask
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from corolla.models.families import Family, family_for
+
+MASK_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
 
 
 def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
@@ -26,20 +38,36 @@ def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCon
     return cfg
 
 
+def attention_kind(config: PretrainedConfig, index: int) -> str:
+    """``full_attention`` or ``sliding_attention`` for layer ``index`` of ``config``."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return str(layer_types[index])
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
 class SpanModel(nn.Module):
-    """Decoder layers ``start..end-1`` plus the rotary embedding they need."""
+    """Decoder layers ``start..end-1`` plus the position machinery they need (``rotary_emb``;
+    None for families without rotary embeddings)."""
 
     def __init__(
-        self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary_emb: nn.Module
+        self,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        layers: nn.ModuleList,
+        rotary_emb: nn.Module | None,
     ) -> None:
         super().__init__()
+        self.family: Family = family_for(config)
         self.start, self.end = start, end
         self.config = span_config(config, start, end)
+        self.cache_config = self.config  # tensor parallelism gives each shard its own cache slots
         self.layers = layers
         self.rotary_emb = rotary_emb
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        return DynamicCache(config=self.cache_config)
 
     def forward(
         self,
@@ -56,35 +84,166 @@ class SpanModel(nn.Module):
         last = len(self.layers) if last is None else last
         past = cache.get_seq_length(first) if cache is not None else 0
         position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(
+        run = _RUNNERS[self.family.style]
+        return run(self, hidden, first, last, cache, position_ids)
+
+    def _mask(
+        self,
+        kind: str,
+        hidden: torch.Tensor,
+        cache: DynamicCache | None,
+        position_ids: torch.Tensor,
+        **kw: Any,
+    ) -> Any:
+        return MASK_FUNCTIONS[kind](
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=None,
             cache=cache,
             position_ids=position_ids,
-            layer_idx=first,
+            **kw,
         )
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.layers[first:last]:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-                position_embeddings=position_embeddings,
-            )
-        return hidden
 
 
-def build_span_on_meta(config: PretrainedConfig, start: int, end: int) -> SpanModel:
-    """Build the span's layers on the meta device (no memory), renumbered for the span cache."""
-    with torch.device("meta"):
-        full = AutoModelForCausalLM.from_config(config)
-    layers = nn.ModuleList(full.model.layers[start:end])
+def _layer_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_rope(
+    span: SpanModel,
+    hidden: torch.Tensor,
+    first: int,
+    last: int,
+    cache: DynamicCache | None,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    kinds = [attention_kind(span.config, i) for i in range(first, last)]
+    masks = {
+        kind: span._mask(kind, hidden, cache, position_ids, layer_idx=first + kinds.index(kind))
+        for kind in dict.fromkeys(kinds)
+    }
+    position_embeddings = span.rotary_emb(hidden, position_ids=position_ids)
+    for layer, kind in zip(span.layers[first:last], kinds, strict=True):
+        out = layer(
+            hidden,
+            attention_mask=masks[kind],
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            position_embeddings=position_embeddings,
+        )
+        hidden = _layer_output(out)
+    return hidden
+
+
+def _run_falcon(
+    span: SpanModel,
+    hidden: torch.Tensor,
+    first: int,
+    last: int,
+    cache: DynamicCache | None,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    config = span.config
+    batch, seq, _ = hidden.shape
+    # Always materialised, so ALiBi biases can be folded into it (as FalconModel does).
+    mask = span._mask(
+        "full_attention", hidden, cache, position_ids, layer_idx=first, allow_is_causal_skip=False
+    )
+    alibi = None
+    if config.alibi:
+        past = int(position_ids[0, 0])
+        ones = torch.ones((batch, seq + past), device=hidden.device, dtype=torch.long)
+        alibi = build_alibi_tensor(ones, config.num_attention_heads, dtype=hidden.dtype)
+        if mask is not None and mask.ndim == 4:
+            min_dtype = torch.finfo(hidden.dtype).min
+            if mask.dtype == torch.bool:
+                zero = torch.full((), 0.0, device=mask.device, dtype=hidden.dtype)
+                mask = torch.where(mask, zero, min_dtype)
+            alibi = alibi.reshape(batch, -1, *alibi.shape[1:])
+            head_dim = config.hidden_size // config.num_attention_heads
+            mask = torch.masked_fill(alibi / math.sqrt(head_dim), mask < -1, min_dtype)
+    position_embeddings = span.rotary_emb(hidden, position_ids=position_ids)
+    for layer in span.layers[first:last]:
+        out = layer(
+            hidden,
+            layer_past=cache,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            alibi=alibi,
+            position_embeddings=position_embeddings,
+        )
+        hidden = _layer_output(out)
+    return hidden
+
+
+def _run_bloom(
+    span: SpanModel,
+    hidden: torch.Tensor,
+    first: int,
+    last: int,
+    cache: DynamicCache | None,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    batch, seq, _ = hidden.shape
+    kv_length = int(position_ids[0, 0]) + seq
+    slopes = _get_alibi_slopes(span.config.n_head, hidden.device)
+    alibi = slopes[:, None, None] * torch.arange(kv_length, device=hidden.device)
+    alibi = alibi.repeat(batch, 1, 1).to(hidden.dtype)
+    mask = span._mask("full_attention", hidden, cache, position_ids, layer_idx=first)
+    for layer in span.layers[first:last]:
+        out = layer(hidden, layer_past=cache, attention_mask=mask, use_cache=cache is not None, alibi=alibi)
+        hidden = _layer_output(out)
+    return hidden
+
+
+def _run_gpt2(
+    span: SpanModel,
+    hidden: torch.Tensor,
+    first: int,
+    last: int,
+    cache: DynamicCache | None,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    mask = span._mask("full_attention", hidden, cache, position_ids, layer_idx=first)
+    for layer in span.layers[first:last]:
+        out = layer(hidden, cache, mask, None, use_cache=cache is not None, position_ids=position_ids)
+        hidden = _layer_output(out)
+    return hidden
+
+
+_RUNNERS = {"rope": _run_rope, "falcon": _run_falcon, "bloom": _run_bloom, "gpt2": _run_gpt2}
+
+
+def build_model_on_meta(config: PretrainedConfig) -> PreTrainedModel:
+    """The whole causal-LM model with parameters on the meta device (no memory) and buffers real
+    (rotary frequencies, masks), as transformers computes them on CPU."""
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def renumber_layers(layers: nn.ModuleList) -> None:
+    """Number the layers' attention from 0, so they index a span-sized cache."""
     for local_idx, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = local_idx
-    rotary_emb = type(full.model.rotary_emb)(config=config)  # real buffers, computed on CPU
+
+
+def span_from_model(model: PreTrainedModel, config: PretrainedConfig, start: int, end: int) -> SpanModel:
+    """The span of ``model``'s layers ``start..end-1``, renumbered for a span cache."""
+    family = family_for(config)
+    layers = nn.ModuleList(family.layers(model)[start:end])
+    renumber_layers(layers)
+    rotary_emb = getattr(getattr(model, family.body), "rotary_emb", None)
     return SpanModel(config, start, end, layers, rotary_emb)
+
+
+def build_span_on_meta(config: PretrainedConfig, start: int, end: int) -> SpanModel:
+    """Build the span's layers with parameters on the meta device (buffers real, on CPU)."""
+    return span_from_model(build_model_on_meta(config), config, start, end)

@@ -33,7 +33,8 @@ class SpanBackend:
     async def run(
         self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache | None = None
     ) -> torch.Tensor:
-        """Blocks ``start..end-1`` (absolute indices) on ``hidden``; the result has ``hidden``'s dtype."""
+        """Blocks ``start..end-1`` (absolute indices) on ``hidden``; the result is in the server's dtype
+        (activations travel in the dtype the server announces)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run_sync, hidden, start, end, cache)
 
@@ -43,7 +44,7 @@ class SpanBackend:
         with torch.inference_mode():
             x = hidden.to(device=self.device, dtype=self.dtype)
             y = self.span(x, first=start - self.start, last=end - self.start, cache=cache)
-            return y.to(device="cpu", dtype=hidden.dtype)
+            return y.to(device="cpu")
 
     def crop(self, cache: DynamicCache, length: int) -> None:
         cache.crop(length)

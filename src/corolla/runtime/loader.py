@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
 
 from corolla.errors import ModelNotFound
-from corolla.models.span import SpanModel, build_span_on_meta
+from corolla.models.families import Family, family_for
+from corolla.models.span import SpanModel, build_model_on_meta, span_from_model
 
 logger = logging.getLogger(__name__)
-
-LAYER_PREFIX = "model.layers."
-
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it."""
@@ -62,17 +66,60 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
-def span_state_dict(files: dict[str, Path], start: int, end: int) -> dict[str, torch.Tensor]:
-    """The span's tensors, keyed as in ``SpanModel`` (``layers.{i - start}.…``)."""
+def layer_pattern(family: Family) -> re.Pattern[str]:
+    """Matches a checkpoint tensor of one decoder layer, with or without the base-model prefix
+    (``model.layers.3.…``, ``transformer.h.3.…`` or ``h.3.…``); group 1 is the layer index."""
+    body, _, layers = family.layers_path.partition(".")
+    return re.compile(rf"^(?:{re.escape(body)}\.)?{re.escape(layers)}\.(\d+)\.(.+)$")
+
+
+def span_tensor_names(files: dict[str, Path], family: Family, start: int, end: int) -> dict[str, str]:
+    """The checkpoint names of the span's tensors, mapped to their canonical names in the model
+    (``{layers_path}.{index}.…``, absolute indices)."""
+    pattern = layer_pattern(family)
     wanted: dict[str, str] = {}
     for name in files:
-        if not name.startswith(LAYER_PREFIX):
-            continue
-        index_str, _, rest = name[len(LAYER_PREFIX) :].partition(".")
-        if index_str.isdigit() and start <= int(index_str) < end:
-            wanted[name] = f"layers.{int(index_str) - start}.{rest}"
-    tensors = read_tensors(files, list(wanted))
-    return {wanted[name]: t for name, t in tensors.items()}
+        match = pattern.match(name)
+        if match and start <= int(match.group(1)) < end:
+            wanted[name] = f"{family.layers_path}.{match.group(1)}.{match.group(2)}"
+    return wanted
+
+
+def load_into(
+    model: PreTrainedModel, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device
+) -> set[str]:
+    """Load checkpoint ``tensors`` into ``model`` (built on meta) through transformers' own weight
+    conversions (fused experts, renamed modules), cast to ``dtype`` on ``device``; returns the
+    names of the model's tensors that are still missing. Raises ``ModelNotFound`` on tensors the
+    model does not have or whose shapes differ."""
+    mapping = get_model_conversion_mapping(model)
+    config = LoadStateDictConfig(weight_mapping=mapping, dtype=dtype, device_map={"": str(device)})
+    with _quiet_transformers_progress():
+        info, _ = convert_and_load_state_dict_in_model(model, tensors, config)
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = [k for k in info.unexpected_keys if not any(p.search(k) for p in ignored)]
+    problems = sorted(unexpected) + sorted(str(k) for k in info.mismatched_keys)
+    problems += [str(e) for e in info.conversion_errors]
+    if problems:
+        raise ModelNotFound(
+            f"checkpoint tensors do not match the model ({', '.join(problems[:3])}); "
+            "re-convert or re-download it"
+        )
+    return set(info.missing_keys)
+
+
+@contextlib.contextmanager
+def _quiet_transformers_progress() -> Iterator[None]:
+    """transformers draws a progress bar per load; a span loads in well under a second per block."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_span(
@@ -84,19 +131,24 @@ def load_span(
     dtype: torch.dtype,
     device: torch.device,
 ) -> SpanModel:
-    """Build blocks ``start..end-1`` on meta, then materialise them from the checkpoint."""
-    span = build_span_on_meta(config, start, end)
-    state = span_state_dict(weight_files(model_dir), start, end)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    missing, unexpected = span.layers.load_state_dict(
-        {k.removeprefix("layers."): v for k, v in state.items()}, strict=False, assign=True
-    )
-    if missing or unexpected:
+    """Build the model on meta, then materialise blocks ``start..end-1`` from the checkpoint."""
+    family = family_for(config)
+    model = build_model_on_meta(config)
+    files = weight_files(model_dir)
+    names = span_tensor_names(files, family, start, end)
+    raw = read_tensors(files, list(names))
+    missing = load_into(model, {names[k]: v for k, v in raw.items()}, dtype=dtype, device=device)
+    prefixes = tuple(f"{family.layers_path}.{i}." for i in range(start, end))
+    missing_here = sorted(k.removeprefix(f"{family.layers_path}.") for k in missing if k.startswith(prefixes))
+    if missing_here:
         raise ModelNotFound(
             f"checkpoint in {model_dir} does not match the model's blocks "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-convert or re-download it"
+            f"(missing {missing_here[:3]}); re-convert or re-download it"
         )
-    span.rotary_emb.to(device)
+    span = span_from_model(model, config, start, end)
+    span.layers.to(device=device, dtype=dtype)
+    if span.rotary_emb is not None:
+        span.rotary_emb.to(device)
     return span.eval().requires_grad_(False)
 
 

@@ -120,7 +120,8 @@ def random_block(model_config: PretrainedConfig, device: torch.device, dtype: to
                 p.normal_(0.0, 0.02, generator=generator)
             else:  # norm weights and biases
                 p.fill_(1.0)
-    span.rotary_emb.to(device)
+    if span.rotary_emb is not None:
+        span.rotary_emb.to(device)
     return span.eval().requires_grad_(False)
 
 

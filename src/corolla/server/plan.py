@@ -14,6 +14,6 @@ class ServerPlan:
     model_path: Path
     model_name: str
     model_config: PretrainedConfig
-    architecture: str
+    family: str  # the model family (transformers model_type), e.g. "llama"
     device: torch.device
     dtype: torch.dtype

@@ -15,13 +15,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint directory whose architecture corolla does not serve."""
-    from transformers import GPT2Config
+def unsupported_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory whose architecture corolla does not serve (GPT-NeoX)."""
+    from transformers import GPTNeoXConfig
 
-    path = tmp_path_factory.mktemp("gpt2")
-    GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"]
+    path = tmp_path_factory.mktemp("gpt_neox")
+    GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=64,
+        architectures=["GPTNeoXForCausalLM"],
     ).save_pretrained(path)
     (path / "model.safetensors").write_bytes(b"not really weights")
     return path

@@ -42,9 +42,9 @@ def test_refusals_in_process(
     assert_one_line_refusal(capsys.readouterr().err, "corolla serve", message)
 
 
-def test_unsupported_model_in_process(gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_server.main([str(gpt2_dir), "--device", "cpu"]) == 2
-    assert_one_line_refusal(capsys.readouterr().err, "corolla serve", "supported: LlamaForCausalLM")
+def test_unsupported_model_in_process(unsupported_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_server.main([str(unsupported_dir), "--device", "cpu"]) == 2
+    assert_one_line_refusal(capsys.readouterr().err, "corolla serve", "supported families: llama, mistral")
 
 
 def test_missing_model_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ import torch
 from corolla.cli.validate import check_server_config
 from corolla.config import ServerConfig
 from corolla.errors import ConfigError, DeviceUnavailable, ModelNotFound, UnsupportedModel
+from corolla.models.families import SUPPORTED_FAMILIES
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -23,7 +24,7 @@ def test_a_valid_model_resolves_once(tiny_llama_dir: Path) -> None:
     resolved = check_server_config(serve(tiny_llama_dir, block_indices=(1, 4)))
     assert resolved.model_path.resolve() == tiny_llama_dir.resolve()
     assert resolved.model_config.num_hidden_layers == 4
-    assert resolved.architecture == "LlamaForCausalLM"
+    assert resolved.family == "llama"
     assert (resolved.device, resolved.dtype) == (torch.device("cpu"), torch.float32)
 
 
@@ -72,8 +73,9 @@ def test_missing_model_is_refused(tmp_path: Path) -> None:
         check_server_config(serve(tmp_path / "no-such-model"))
 
 
-def test_unsupported_architecture_lists_the_supported_ones(gpt2_dir: Path) -> None:
-    with pytest.raises(
-        UnsupportedModel, match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM"
-    ):
-        check_server_config(serve(gpt2_dir))
+def test_unsupported_architecture_lists_the_supported_ones(unsupported_dir: Path) -> None:
+    with pytest.raises(UnsupportedModel) as info:
+        check_server_config(serve(unsupported_dir))
+    message = str(info.value)
+    assert "'gpt_neox' (architecture GPTNeoXForCausalLM) is not supported" in message
+    assert message.endswith(f"supported families: {', '.join(SUPPORTED_FAMILIES)}")

@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM, PretrainedConfig
 
 from corolla.errors import ModelNotFound
+from corolla.models.families import family_for
 from corolla.runtime import loader
-from corolla.runtime.loader import load_span, parameter_bytes, span_state_dict, weight_files
+from corolla.runtime.loader import load_span, parameter_bytes, read_tensors, span_tensor_names, weight_files
 
 CPU = torch.device("cpu")
 NUM_BLOCKS = 4  # tiny_llama_dir's depth
@@ -54,31 +55,39 @@ def test_weight_files_without_weights_raise_model_not_found(tmp_path: Path) -> N
         weight_files(tmp_path)
 
 
-def test_span_state_dict_has_only_the_span_renamed(
-    tiny_llama_dir: Path, full_model: LlamaForCausalLM
-) -> None:
-    state = span_state_dict(weight_files(tiny_llama_dir), 1, 3)
+def test_span_tensor_names_are_only_the_span(tiny_llama_dir: Path, full_model: LlamaForCausalLM) -> None:
+    files = weight_files(tiny_llama_dir)
+    names = span_tensor_names(files, family_for(full_model.config), 1, 3)
     per_layer = set(full_model.model.layers[0].state_dict())
-    expected = {f"layers.{i}.{name}" for i in (0, 1) for name in per_layer}
-    assert set(state) == expected
-    reference = full_model.state_dict()
-    for name, tensor in state.items():
-        local, rest = name.removeprefix("layers.").split(".", 1)
-        assert torch.equal(tensor, reference[f"model.layers.{int(local) + 1}.{rest}"]), name
+    expected = {f"model.layers.{i}.{name}" for i in (1, 2) for name in per_layer}
+    assert set(names) == expected
+    assert all(canonical == name for name, canonical in names.items())
 
 
-def test_span_state_dict_skips_non_layer_tensors(tiny_llama_dir: Path) -> None:
-    state = span_state_dict(weight_files(tiny_llama_dir), 0, NUM_BLOCKS)
-    assert all(name.startswith("layers.") for name in state)
-    assert {name.split(".")[1] for name in state} == {"0", "1", "2", "3"}
+def test_span_tensor_names_skip_non_layer_tensors(tiny_llama_dir: Path, config: PretrainedConfig) -> None:
+    names = span_tensor_names(weight_files(tiny_llama_dir), family_for(config), 0, NUM_BLOCKS)
+    assert all(name.startswith("model.layers.") for name in names)
+    assert {name.split(".")[2] for name in names} == {"0", "1", "2", "3"}
 
 
-def test_span_state_dict_does_not_confuse_layer_1_with_layer_10(tmp_path: Path) -> None:
+def test_span_tensor_names_do_not_confuse_layer_1_with_layer_10(
+    tmp_path: Path, config: PretrainedConfig
+) -> None:
     tensors = {f"model.layers.{i}.w": torch.full((1,), float(i)) for i in (1, 10, 11)}
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    state = span_state_dict(weight_files(tmp_path), 1, 2)
-    assert list(state) == ["layers.0.w"]
-    assert state["layers.0.w"].item() == 1.0
+    assert list(span_tensor_names(weight_files(tmp_path), family_for(config), 1, 2)) == ["model.layers.1.w"]
+
+
+def test_span_tensor_names_accept_checkpoints_without_the_base_prefix(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    tensors = {"h.0.attn.c_attn.weight": torch.zeros(1), "transformer.h.1.ln_1.weight": torch.zeros(1)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    names = span_tensor_names(weight_files(tmp_path), family_for(GPT2Config()), 0, 2)
+    assert names == {
+        "h.0.attn.c_attn.weight": "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.ln_1.weight": "transformer.h.1.ln_1.weight",
+    }
 
 
 def test_split_model_equals_full_model_exactly(
@@ -163,9 +172,12 @@ def test_span_opens_only_the_shards_it_needs(
 def test_checkpoint_missing_a_span_tensor_raises_model_not_found(
     tiny_llama_dir: Path, tmp_path: Path, config: PretrainedConfig
 ) -> None:
-    state = dict(span_state_dict(weight_files(tiny_llama_dir), 0, NUM_BLOCKS))
+    files = weight_files(tiny_llama_dir)
+    names = [n for n in span_tensor_names(files, family_for(config), 0, NUM_BLOCKS)]
     tensors = {
-        f"model.{name}": t.contiguous() for name, t in state.items() if name != "layers.1.mlp.up_proj.weight"
+        name: t.contiguous()
+        for name, t in read_tensors(files, names).items()
+        if name != "model.layers.1.mlp.up_proj.weight"
     }
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelNotFound, match=r"does not match the model's blocks") as info:

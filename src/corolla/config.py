@@ -20,6 +20,7 @@ BUILTIN_MODEL = "smollm2-135m"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 THROUGHPUT_MODES = ("auto", "eval", "dry_run")
+QUANT_TYPES = ("auto", "none", "int8", "nf4")
 
 
 def default_cache_dir() -> str:
@@ -151,6 +152,20 @@ class ServerConfig:
         default="auto",
         metadata=_help("auto (checkpoint dtype; float16 -> float32 on CPU), float32, bfloat16 or float16"),
     )
+    quant_type: str = field(
+        default="auto",
+        metadata=_help(
+            "weight quantisation with bitsandbytes: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat); "
+            "auto: nf4 on CUDA, none elsewhere"
+        ),
+    )
+    tensor_parallel_devices: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "split every block across these devices (e.g. cuda:0 cuda:1): attention heads and MLP "
+            "columns sharded, one server in the swarm"
+        ),
+    )
     cache_dir: str = field(
         default_factory=default_cache_dir, metadata=_help("where converted models and caches live")
     )
@@ -210,6 +225,15 @@ class ServerConfig:
         if self.torch_dtype not in DTYPES:
             raise ConfigError(
                 f"--torch_dtype {self.torch_dtype!r} is unknown; use one of {', '.join(DTYPES)}"
+            )
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(
+                f"--quant_type {self.quant_type!r} is unknown; use one of {', '.join(QUANT_TYPES)}"
+            )
+        if self.tensor_parallel_devices and self.device != "auto":
+            raise ConfigError(
+                "--device and --tensor_parallel_devices conflict: the first tensor-parallel device "
+                "is the server's device; give only --tensor_parallel_devices"
             )
 
     @property

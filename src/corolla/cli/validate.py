@@ -16,6 +16,8 @@ from corolla.errors import ConfigError
 from corolla.models.families import check_supported
 from corolla.models.resolve import load_config, resolve_model
 from corolla.runtime.device import resolve_device, resolve_dtype
+from corolla.runtime.quantize import check_quant_supported, default_quant_type
+from corolla.runtime.tensor_parallel import check_tensor_parallel
 from corolla.server.plan import ServerPlan
 
 logger = logging.getLogger(__name__)
@@ -23,17 +25,36 @@ logger = logging.getLogger(__name__)
 
 def check_server_config(config: ServerConfig) -> ServerPlan:
     """Refuse what cannot work here (``CorollaError``), cheapest check first."""
-    device = resolve_device(config.device)
+    tp_devices = tuple(resolve_device(d) for d in config.tensor_parallel_devices)
+    device = tp_devices[0] if tp_devices else resolve_device(config.device)
     if config.torch_dtype != "auto":
         resolve_dtype(config.torch_dtype, device, None)  # float16 on CPU: refuse before touching the model
     model = resolve_model(config.model, config.cache_dir)
     model_config = load_config(model.path)
     family = check_supported(model_config)
+    if tp_devices:
+        check_tensor_parallel(model_config, tp_devices)
     check_blocks(config, model.name, model_config.num_hidden_layers)
     dtype, warning = resolve_dtype(config.torch_dtype, device, checkpoint_dtype(model_config))
+    quant_type = resolve_quant_type(config.quant_type, device)
     if warning:
         logger.warning(warning)
-    return ServerPlan(model.path, model.name, model_config, family, device, dtype)
+    return ServerPlan(model.path, model.name, model_config, family, device, dtype, quant_type, tp_devices)
+
+
+def resolve_quant_type(requested: str, device: torch.device) -> str:
+    """``--quant_type``, with ``auto`` made concrete (nf4 on CUDA, none elsewhere, as Petals does);
+    refused when bitsandbytes cannot quantise on ``device``. The choice is logged."""
+    quant_type = default_quant_type(device) if requested == "auto" else requested
+    check_quant_supported(quant_type, device)
+    if requested == "auto":
+        logger.info(
+            "weight quantisation: %s (the default on %s; choose with --quant_type none|int8|nf4)",
+            quant_type, device.type,
+        )  # fmt: skip
+    else:
+        logger.info("weight quantisation: %s (--quant_type)", quant_type)
+    return quant_type
 
 
 def check_blocks(config: ServerConfig, model_name: str, num_layers: int) -> None:

@@ -99,6 +99,8 @@ class ServerInfoReply(Message):
     start_block: int
     end_block: int
     torch_dtype: str
+    quant_type: str = "none"
+    tensor_parallel_devices: list[str] = []
     max_batch_size: int
     inference_max_length: int
     cache_tokens_left: int

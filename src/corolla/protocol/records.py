@@ -26,7 +26,9 @@ class ServerInfo(BaseModel):
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
     throughput: float = Field(ge=0)
-    torch_dtype: str
+    torch_dtype: str  # activations travel in it
+    quant_type: str = "none"  # weight quantisation: none, int8 or nf4
+    tensor_parallel: int = Field(default=1, ge=1)  # devices each block is split across
     public_name: str | None = None
     version: str
     max_inference_length: int = Field(ge=0)

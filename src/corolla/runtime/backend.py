@@ -9,14 +9,24 @@ import torch
 from transformers import DynamicCache
 
 from corolla.models.span import SpanModel
+from corolla.runtime.quantize import quantized_bytes
 
 
 class SpanBackend:
     """Runs a span of blocks on its device, one request at a time, off the event loop."""
 
-    def __init__(self, span: SpanModel, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        span: SpanModel,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        quant_type: str = "none",
+        tp_devices: tuple[torch.device, ...] = (),
+    ) -> None:
         self.span, self.dtype, self.device = span, dtype, device
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in span.parameters())
+        self.quant_type, self.tp_devices = quant_type, tp_devices
+        self.weight_bytes = quantized_bytes(span.layers)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
 
     @property

@@ -19,6 +19,8 @@ from transformers.modeling_utils import LoadStateDictConfig
 from corolla.errors import ModelNotFound
 from corolla.models.families import Family, family_for
 from corolla.models.span import SpanModel, build_model_on_meta, span_from_model
+from corolla.runtime.quantize import quantize_module
+from corolla.runtime.tensor_parallel import ShardedAttention, ShardedMLP, shard_layers, tp_cache_config
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +132,20 @@ def load_span(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    quant_type: str = "none",
+    tp_devices: tuple[torch.device, ...] = (),
 ) -> SpanModel:
-    """Build the model on meta, then materialise blocks ``start..end-1`` from the checkpoint."""
+    """Build the model on meta, materialise blocks ``start..end-1`` from the checkpoint, then shard
+    them over ``tp_devices`` and/or quantise them (see ``place_span``)."""
     family = family_for(config)
     model = build_model_on_meta(config)
     files = weight_files(model_dir)
     names = span_tensor_names(files, family, start, end)
     raw = read_tensors(files, list(names))
-    missing = load_into(model, {names[k]: v for k, v in raw.items()}, dtype=dtype, device=device)
+    # Quantised or sharded blocks are loaded in float on CPU first: the device only ever holds
+    # the final (quantised, sliced) weights.
+    staging = torch.device("cpu") if quant_type != "none" or tp_devices else device
+    missing = load_into(model, {names[k]: v for k, v in raw.items()}, dtype=dtype, device=staging)
     prefixes = tuple(f"{family.layers_path}.{i}." for i in range(start, end))
     missing_here = sorted(k.removeprefix(f"{family.layers_path}.") for k in missing if k.startswith(prefixes))
     if missing_here:
@@ -146,7 +154,31 @@ def load_span(
             f"(missing {missing_here[:3]}); re-convert or re-download it"
         )
     span = span_from_model(model, config, start, end)
-    span.layers.to(device=device, dtype=dtype)
+    span.layers.to(dtype=dtype)
+    return place_span(span, device=device, quant_type=quant_type, tp_devices=tp_devices)
+
+
+def place_span(
+    span: SpanModel,
+    *,
+    device: torch.device,
+    quant_type: str = "none",
+    tp_devices: tuple[torch.device, ...] = (),
+) -> SpanModel:
+    """Move a span's float blocks to where they run: sharded over ``tp_devices`` (each shard's
+    projections on its device, the rest on the first) or on ``device``; then their linear layers
+    quantised to ``quant_type`` with bitsandbytes. Returns the span, frozen in eval mode."""
+    if tp_devices:
+        shard_layers(span.layers, span.config, tp_devices)
+        span.cache_config = tp_cache_config(span.config, len(tp_devices))
+        for module in list(span.layers.modules()):
+            if isinstance(module, (ShardedAttention, ShardedMLP)):
+                for shard, shard_device in zip(module.shards, module.devices, strict=True):
+                    quantize_module(shard, quant_type, shard_device)
+        device = tp_devices[0]
+    else:
+        quantize_module(span.layers, quant_type, device)
+        span.layers.to(device)
     if span.rotary_emb is not None:
         span.rotary_emb.to(device)
     return span.eval().requires_grad_(False)

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from corolla.errors import AllocationFailed
 from corolla.models.span import build_span_on_meta, span_config
 from corolla.runtime.kv_cache import cache_bytes_per_token_block
+from corolla.runtime.quantize import linear_weight_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -43,13 +44,21 @@ class BlockCountPlan:
     reason: str
 
 
-def block_bytes(model_config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """Parameter bytes of one block in ``dtype`` (counted on the meta device; no memory used).
-
-    Assumes all blocks have the same parameters, as in the Llama layout."""
+def block_bytes(model_config: PretrainedConfig, dtype: torch.dtype, quant_type: str = "none") -> int:
+    """Parameter bytes of one block in ``dtype``, its linear layers' weights quantised to
+    ``quant_type`` (counted on the meta device; no memory used). Assumes all blocks have the same
+    parameters, as every supported family does."""
     one_block = build_span_on_meta(span_config(model_config, 0, 1), 0, 1)
     element_size = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in one_block.layers.parameters()) * element_size
+    total = 0
+    for module in one_block.layers.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Linear) and name == "weight":
+                out_features, in_features = module.out_features, module.in_features
+                total += linear_weight_bytes(out_features, in_features, quant_type, element_size)
+            else:
+                total += param.numel() * element_size
+    return total
 
 
 def available_memory(device: torch.device) -> int:
@@ -184,12 +193,17 @@ def num_blocks_for(
     device: torch.device,
     attn_cache_tokens: int,
     max_batch_size: int,
+    *,
+    quant_type: str = "none",
+    tp_devices: tuple[torch.device, ...] = (),
 ) -> BlockCountPlan:
-    """The block count for this model, dtype and device, with the default reserve."""
-    memory = available_memory(device)
+    """The block count for this model, dtype, quantisation and device (with tensor parallelism:
+    the memory of every distinct device together), with the default reserve."""
+    devices = list(dict.fromkeys(tp_devices)) or [device]
+    memory = sum(available_memory(d) for d in devices)
     return plan_num_blocks(
         memory,
-        block_bytes(model_config, dtype),
+        block_bytes(model_config, dtype, quant_type),
         attn_cache_tokens * cache_bytes_per_token_block(model_config, dtype),
         model_config.num_hidden_layers,
         reserve_bytes=default_reserve(memory, device, model_config, dtype, max_batch_size),

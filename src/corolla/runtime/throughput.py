@@ -51,6 +51,7 @@ from transformers import PretrainedConfig
 from corolla.config import THROUGHPUT_MODES
 from corolla.errors import ConfigError
 from corolla.models.span import SpanModel, build_span_on_meta, span_config
+from corolla.runtime.loader import place_span
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +110,26 @@ def combine(compute: ComputeThroughput, num_blocks: int, network_tokens_per_s: f
 # --- measuring compute ---------------------------------------------------------------------------
 
 
-def random_block(model_config: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> SpanModel:
-    """One block of the model with small random weights on ``device`` (no checkpoint needed)."""
+def random_block(
+    model_config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant_type: str = "none",
+    tp_devices: tuple[torch.device, ...] = (),
+) -> SpanModel:
+    """One block of the model with small random weights, placed as the server places its blocks
+    (on ``device``, or sharded over ``tp_devices``; quantised to ``quant_type``). No checkpoint needed."""
     span = build_span_on_meta(span_config(model_config, 0, 1), 0, 1)
-    span.layers.to(dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    staging = torch.device("cpu") if quant_type != "none" or tp_devices else device
+    span.layers.to(dtype).to_empty(device=staging)
+    generator = torch.Generator(device=staging).manual_seed(0)
     with torch.no_grad():
         for p in span.layers.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=generator)
             else:  # norm weights and biases
                 p.fill_(1.0)
-    if span.rotary_emb is not None:
-        span.rotary_emb.to(device)
-    return span.eval().requires_grad_(False)
+    return place_span(span, device=device, quant_type=quant_type, tp_devices=tp_devices)
 
 
 def measure_compute(
@@ -130,6 +137,8 @@ def measure_compute(
     device: torch.device,
     dtype: torch.dtype,
     *,
+    quant_type: str = "none",
+    tp_devices: tuple[torch.device, ...] = (),
     forward_tokens: int = 512,
     forward_repeats: int = 5,
     prompt_tokens: int = 16,
@@ -139,7 +148,7 @@ def measure_compute(
     """Time one random block after a warm-up: forward passes of ``1 x forward_tokens`` tokens,
     then single-token steps with a KV cache after a ``prompt_tokens`` prefill. Each pass is timed
     on its own and the median is kept, so a burst of load from another process does not skew it."""
-    block = random_block(model_config, device, dtype)
+    block = random_block(model_config, device, dtype, quant_type, tp_devices)
     long_batch = torch.randn(1, forward_tokens, model_config.hidden_size, device=device).to(dtype)
     prompt, step = long_batch[:, :prompt_tokens], long_batch[:, :1]
     with torch.inference_mode(), _progress_bar(forward_repeats + inference_steps + 2, progress) as bar:
@@ -191,10 +200,13 @@ def device_name(device: torch.device) -> str:
     return f"{_cpu_model()} x{_cpu_count()}"
 
 
-def cache_key(model_name: str, device: torch.device, dtype: torch.dtype, quant: str = "none") -> str:
-    """``model|device type|device name|dtype|quant``: what a measurement depends on."""
+def cache_key(
+    model_name: str, device: torch.device, dtype: torch.dtype, quant: str = "none", tensor_parallel: int = 1
+) -> str:
+    """``model|device type|device name|dtype|quant[|tpN]``: what a measurement depends on."""
     dtype_name = str(dtype).removeprefix("torch.")
-    return f"{model_name}|{device.type}|{device_name(device)}|{dtype_name}|{quant}"
+    key = f"{model_name}|{device.type}|{device_name(device)}|{dtype_name}|{quant}"
+    return key if tensor_parallel == 1 else f"{key}|tp{tensor_parallel}"
 
 
 def _cpu_model() -> str:

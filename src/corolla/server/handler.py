@@ -125,6 +125,8 @@ class Handler:
             start_block=backend.start,
             end_block=backend.end,
             torch_dtype=str(backend.dtype).removeprefix("torch."),
+            quant_type=backend.quant_type,
+            tensor_parallel_devices=[str(d) for d in backend.tp_devices],
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=sessions.budget.left,

@@ -15,5 +15,7 @@ class ServerPlan:
     model_name: str
     model_config: PretrainedConfig
     family: str  # the model family (transformers model_type), e.g. "llama"
-    device: torch.device
+    device: torch.device  # with tensor parallelism, the first of ``tp_devices``
     dtype: torch.dtype
+    quant_type: str = "none"  # none, int8 or nf4
+    tp_devices: tuple[torch.device, ...] = ()  # empty: no tensor parallelism

@@ -21,7 +21,7 @@ from corolla.models.resolve import default_dht_prefix
 from corolla.protocol.records import ServerInfo, ServerState
 from corolla.runtime.backend import SpanBackend
 from corolla.runtime.kv_cache import CacheBudget, cache_bytes_per_token_block
-from corolla.runtime.loader import load_span, parameter_bytes
+from corolla.runtime.loader import load_span
 from corolla.server.handler import Handler, Hosting
 from corolla.server.placement import Span, rebalance_target, settle_span, swarm_spans
 from corolla.server.plan import ServerPlan
@@ -141,21 +141,30 @@ class Server:
 
     def _load(self, start: int, end: int) -> SpanBackend:
         plan = self.plan
+        where = " + ".join(str(d) for d in plan.tp_devices) or str(plan.device)
+        quant = "" if plan.quant_type == "none" else f", weights quantised to {plan.quant_type}"
         logger.info(
-            "loading blocks %d:%d of %s (%s) on %s in %s",
-            start, end, plan.model_name, plan.model_path, plan.device, str(plan.dtype).removeprefix("torch."),
+            "loading blocks %d:%d of %s (%s) on %s in %s%s",
+            start, end, plan.model_name, plan.model_path, where, str(plan.dtype).removeprefix("torch."),
+            quant,
         )  # fmt: skip
         t0 = time.monotonic()
-        span = load_span(plan.model_path, plan.model_config, start, end, dtype=plan.dtype, device=plan.device)
+        span = load_span(
+            plan.model_path, plan.model_config, start, end, dtype=plan.dtype, device=plan.device,
+            quant_type=plan.quant_type, tp_devices=plan.tp_devices,
+        )  # fmt: skip
         cache = (
             cache_bytes_per_token_block(plan.model_config, plan.dtype) * self.config.limits.attn_cache_tokens
         )
+        backend = SpanBackend(
+            span, plan.dtype, plan.device, quant_type=plan.quant_type, tp_devices=plan.tp_devices
+        )
         logger.info(
             "loaded %d blocks in %.1f s: weights %s, attention cache budget %s (%d tokens x %d blocks)",
-            end - start, time.monotonic() - t0, _human(parameter_bytes(span)), _human(cache * (end - start)),
+            end - start, time.monotonic() - t0, _human(backend.weight_bytes), _human(cache * (end - start)),
             self.config.limits.attn_cache_tokens, end - start,
         )  # fmt: skip
-        return SpanBackend(span, plan.dtype, plan.device)
+        return backend
 
     def _log_ready(self, dht: DHT, elapsed: float) -> None:
         assert self.span is not None
@@ -189,6 +198,8 @@ class Server:
             end_block=span[1],
             throughput=self.throughput,
             torch_dtype=str(self.plan.dtype).removeprefix("torch."),
+            quant_type=self.plan.quant_type,
+            tensor_parallel=max(1, len(self.plan.tp_devices)),
             public_name=self.config.public_name,
             version=__version__,
             max_inference_length=self.config.limits.inference_max_length,

@@ -32,7 +32,13 @@ WIRE_DTYPE_BYTES = 4  # clients send float32 hidden states
 def decide_num_blocks(plan: ServerPlan, limits: LimitsConfig) -> int:
     """As many blocks as fit in the device's memory (capped at the model's size)."""
     count = num_blocks_for(
-        plan.model_config, plan.dtype, plan.device, limits.attn_cache_tokens, limits.max_batch_size
+        plan.model_config,
+        plan.dtype,
+        plan.device,
+        limits.attn_cache_tokens,
+        limits.max_batch_size,
+        quant_type=plan.quant_type,
+        tp_devices=plan.tp_devices,
     )
     logger.info("block count: %s", count.reason)
     if plan.device.type == "cpu":
@@ -47,14 +53,23 @@ async def decide_throughput(
     network = None
     if config.fixed_throughput is None:
         network = await _network_tokens_per_s(p2p, peers, plan.model_config.hidden_size)
-    measure = functools.partial(measure_compute, plan.model_config, plan.device, plan.dtype)
+    measure = functools.partial(
+        measure_compute,
+        plan.model_config,
+        plan.device,
+        plan.dtype,
+        quant_type=plan.quant_type,
+        tp_devices=plan.tp_devices,
+    )
     report = await asyncio.to_thread(
         resolve_throughput,
         config.throughput,
         num_blocks=num_blocks,
         measure=measure,
         cache=ThroughputCache(config.cache_dir),
-        key=cache_key(plan.model_name, plan.device, plan.dtype),
+        key=cache_key(
+            plan.model_name, plan.device, plan.dtype, plan.quant_type, max(1, len(plan.tp_devices))
+        ),
         network_tokens_per_s=network,
     )
     if config.throughput == "dry_run":

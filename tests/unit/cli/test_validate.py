@@ -79,3 +79,56 @@ def test_unsupported_architecture_lists_the_supported_ones(unsupported_dir: Path
     message = str(info.value)
     assert "'gpt_neox' (architecture GPTNeoXForCausalLM) is not supported" in message
     assert message.endswith(f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def test_quantisation_defaults_to_none_on_cpu_and_says_so(
+    tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="corolla.cli.validate"):
+        assert check_server_config(serve(tiny_llama_dir)).quant_type == "none"
+    assert "weight quantisation: none (the default on cpu" in caplog.text
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_explicit_quantisation_is_kept(tiny_llama_dir: Path, quant_type: str) -> None:
+    assert check_server_config(serve(tiny_llama_dir, quant_type=quant_type)).quant_type == quant_type
+
+
+def test_unknown_quantisation_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--quant_type 'int4' is unknown; use one of auto, none, int8, nf"):
+        serve("m", quant_type="int4")
+
+
+def test_tensor_parallel_devices_become_the_plan(tiny_llama_dir: Path) -> None:
+    config = ServerConfig(model=str(tiny_llama_dir), tensor_parallel_devices=("cpu", "cpu"))
+    plan = check_server_config(config)
+    assert plan.tp_devices == (torch.device("cpu"), torch.device("cpu"))
+    assert plan.device == torch.device("cpu")
+
+
+def test_device_and_tensor_parallel_devices_conflict() -> None:
+    with pytest.raises(ConfigError, match="--device and --tensor_parallel_devices conflict"):
+        serve("m", tensor_parallel_devices=("cpu", "cpu"))
+
+
+def test_one_tensor_parallel_device_is_refused(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="at least 2"):
+        check_server_config(ServerConfig(model=str(tiny_llama_dir), tensor_parallel_devices=("cpu",)))
+
+
+def test_tensor_parallel_of_an_unsharded_family_is_refused(tmp_path: Path) -> None:
+    from transformers import BloomConfig
+
+    BloomConfig(n_layer=2, hidden_size=32, n_head=4, vocab_size=64).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"never read: refused before loading")
+    with pytest.raises(ConfigError, match="bloom") as info:
+        check_server_config(ServerConfig(model=str(tmp_path), tensor_parallel_devices=("cpu", "cpu")))
+    assert "llama" in str(info.value)
+
+
+@no_cuda
+def test_tensor_parallel_over_missing_gpus_is_refused(tiny_llama_dir: Path) -> None:
+    with pytest.raises(DeviceUnavailable, match="cuda:0"):
+        check_server_config(
+            ServerConfig(model=str(tiny_llama_dir), tensor_parallel_devices=("cuda:0", "cuda:1"))
+        )

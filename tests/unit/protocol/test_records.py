@@ -13,6 +13,8 @@ def make_info(**overrides: Any) -> ServerInfo:
     values: dict[str, Any] = {
         "throughput": 3.5,
         "torch_dtype": "bfloat16",
+        "quant_type": "none",
+        "tensor_parallel": 1,
         "public_name": "alice's gpu",
         "max_inference_length": 2048,
         "cache_tokens_left": 512,
@@ -30,6 +32,8 @@ def test_wire_form_is_plain_json_data() -> None:
         "end_block": 5,
         "throughput": 3.5,
         "torch_dtype": "bfloat16",
+        "quant_type": "none",
+        "tensor_parallel": 1,
         "public_name": "alice's gpu",
         "version": "0.1.0",
         "max_inference_length": 2048,

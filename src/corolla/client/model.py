@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -52,8 +53,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if (model_dir / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
         model.manager = manager
-        model._active_session: InferenceSession | None = None  # the session forward() steps
-        model._default_session: InferenceSession | None = None  # the one opened by inference_session()
+        model._threads = threading.local()  # sessions are per thread: threads may generate concurrently
         return model.eval().requires_grad_(False)
 
     def _load_local_weights(self, model_dir: Path) -> None:
@@ -80,6 +80,24 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             )
 
     # --- sessions -----------------------------------------------------------------------------
+
+    @property
+    def _active_session(self) -> InferenceSession | None:
+        """The session ``forward`` steps (set by ``generate`` in this thread)."""
+        return getattr(self._threads, "active", None)
+
+    @_active_session.setter
+    def _active_session(self, session: InferenceSession | None) -> None:
+        self._threads.active = session
+
+    @property
+    def _default_session(self) -> InferenceSession | None:
+        """The session opened by ``inference_session()`` in this thread."""
+        return getattr(self._threads, "default", None)
+
+    @_default_session.setter
+    def _default_session(self, session: InferenceSession | None) -> None:
+        self._threads.default = session
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:

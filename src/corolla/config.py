@@ -166,6 +166,13 @@ class ServerConfig:
             "columns sharded, one server in the swarm"
         ),
     )
+    adapters: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "LoRA adapters (PEFT format: local directories or hub repos in the local cache) to serve "
+            "for the hosted blocks; clients pick one with active_adapter"
+        ),
+    )
     cache_dir: str = field(
         default_factory=default_cache_dir, metadata=_help("where converted models and caches live")
     )
@@ -193,11 +200,20 @@ class ServerConfig:
         default=None,
         metadata=_help("seconds a DHT record lives (default: max(2 x update_period, 60)); positive"),
     )
+    metrics_port: int | None = field(
+        default=None,
+        metadata=_help(
+            "serve Prometheus metrics on http://HOST:PORT/metrics, HOST being 0.0.0.0 "
+            "(:: when the server listens on IPv6 only) (default: off)"
+        ),
+    )
     network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         _check_positive(self)
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError(f"--metrics_port must be between 1 and 65535, got {self.metrics_port}")
         if self.throughput not in THROUGHPUT_MODES:
             try:
                 value = float(self.throughput)

@@ -48,7 +48,7 @@ class FlagGroup:
 
 
 SERVER_GROUPS = (
-    FlagGroup("model", ServerConfig, ("model", "dht_prefix", "cache_dir")),
+    FlagGroup("model", ServerConfig, ("model", "dht_prefix", "cache_dir", "adapters")),
     FlagGroup(
         "blocks",
         ServerConfig,
@@ -58,6 +58,7 @@ SERVER_GROUPS = (
     FlagGroup("announcement", ServerConfig, ("public_name", "throughput", "update_period", "expiration")),
     FlagGroup("network", NetworkConfig),
     FlagGroup("limits", LimitsConfig),
+    FlagGroup("monitoring", ServerConfig, ("metrics_port",)),
 )
 NETWORK_GROUPS = (FlagGroup("network", NetworkConfig),)
 

@@ -15,6 +15,7 @@ from corolla.config import ServerConfig
 from corolla.errors import ConfigError
 from corolla.models.families import check_supported
 from corolla.models.resolve import load_config, resolve_model
+from corolla.runtime.adapters import resolve_adapter
 from corolla.runtime.device import resolve_device, resolve_dtype
 from corolla.runtime.quantize import check_quant_supported, default_quant_type
 from corolla.runtime.tensor_parallel import check_tensor_parallel
@@ -37,9 +38,16 @@ def check_server_config(config: ServerConfig) -> ServerPlan:
     check_blocks(config, model.name, model_config.num_hidden_layers)
     dtype, warning = resolve_dtype(config.torch_dtype, device, checkpoint_dtype(model_config))
     quant_type = resolve_quant_type(config.quant_type, device)
+    adapters = tuple(resolve_adapter(a, config.cache_dir) for a in config.adapters)
+    if adapters and tp_devices:
+        raise ConfigError(
+            "--adapters cannot be combined with --tensor_parallel_devices yet; drop one of them"
+        )
     if warning:
         logger.warning(warning)
-    return ServerPlan(model.path, model.name, model_config, family, device, dtype, quant_type, tp_devices)
+    return ServerPlan(
+        model.path, model.name, model_config, family, device, dtype, quant_type, tp_devices, adapters
+    )
 
 
 def resolve_quant_type(requested: str, device: torch.device) -> str:

@@ -39,6 +39,12 @@ class Family:
     notes: str  # what is special about it, for people reading the table of families
 
     @property
+    def classifier(self) -> str:
+        """The family's sequence-classification class in transformers."""
+        base = self.architecture.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+        return f"{base}ForSequenceClassification"
+
+    @property
     def body(self) -> str:
         """The base model attribute: ``model`` or ``transformer``."""
         return self.layers_path.split(".")[0]

@@ -76,16 +76,20 @@ class SpanModel(nn.Module):
         first: int = 0,
         last: int | None = None,
         cache: DynamicCache | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run local layers ``first..last-1`` on ``hidden`` [batch, seq, hidden].
 
         With a ``cache``, positions continue from the cache's length and the cache grows;
-        a cache must always be used with the same ``first``/``last``."""
+        a cache must always be used with the same ``first``/``last``. Deep ``prompts``
+        [last - first, batch, prefix, hidden] are added to positions ``0..prefix-1`` of the
+        sequence before each layer (P-tuning v2, as Petals does)."""
         last = len(self.layers) if last is None else last
         past = cache.get_seq_length(first) if cache is not None else 0
         position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        layers = [_Prompted(layer, prompts, k, past) for k, layer in enumerate(self.layers[first:last])]
         run = _RUNNERS[self.family.style]
-        return run(self, hidden, first, last, cache, position_ids)
+        return run(self, hidden, first, last, cache, position_ids, layers)
 
     def _mask(
         self,
@@ -109,6 +113,25 @@ def _layer_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Prompted:
+    """A layer that first adds its deep prompt to the prompt positions of its input (if any)."""
+
+    def __init__(self, layer: nn.Module, prompts: torch.Tensor | None, index: int, past: int) -> None:
+        self.layer, self.prompts, self.index, self.past = layer, prompts, index, past
+
+    def __call__(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(add_prompt(hidden, self.prompts, self.index, self.past), *args, **kwargs)
+
+
+def add_prompt(hidden: torch.Tensor, prompts: torch.Tensor | None, index: int, past: int) -> torch.Tensor:
+    """``hidden`` (positions ``past…``) plus prompt ``index`` on the positions below its length."""
+    if prompts is None or past >= prompts.shape[2]:
+        return hidden
+    n = min(prompts.shape[2] - past, hidden.shape[1])
+    prompt = prompts[index, :, past : past + n].to(hidden.dtype)
+    return torch.cat([hidden[:, :n] + prompt, hidden[:, n:]], dim=1)
+
+
 def _run_rope(
     span: SpanModel,
     hidden: torch.Tensor,
@@ -116,6 +139,7 @@ def _run_rope(
     last: int,
     cache: DynamicCache | None,
     position_ids: torch.Tensor,
+    layers: list[_Prompted],
 ) -> torch.Tensor:
     kinds = [attention_kind(span.config, i) for i in range(first, last)]
     masks = {
@@ -123,7 +147,7 @@ def _run_rope(
         for kind in dict.fromkeys(kinds)
     }
     position_embeddings = span.rotary_emb(hidden, position_ids=position_ids)
-    for layer, kind in zip(span.layers[first:last], kinds, strict=True):
+    for layer, kind in zip(layers, kinds, strict=True):
         out = layer(
             hidden,
             attention_mask=masks[kind],
@@ -143,6 +167,7 @@ def _run_falcon(
     last: int,
     cache: DynamicCache | None,
     position_ids: torch.Tensor,
+    layers: list[_Prompted],
 ) -> torch.Tensor:
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
@@ -166,7 +191,7 @@ def _run_falcon(
             head_dim = config.hidden_size // config.num_attention_heads
             mask = torch.masked_fill(alibi / math.sqrt(head_dim), mask < -1, min_dtype)
     position_embeddings = span.rotary_emb(hidden, position_ids=position_ids)
-    for layer in span.layers[first:last]:
+    for layer in layers:
         out = layer(
             hidden,
             layer_past=cache,
@@ -187,6 +212,7 @@ def _run_bloom(
     last: int,
     cache: DynamicCache | None,
     position_ids: torch.Tensor,
+    layers: list[_Prompted],
 ) -> torch.Tensor:
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
@@ -196,7 +222,7 @@ def _run_bloom(
     alibi = slopes[:, None, None] * torch.arange(kv_length, device=hidden.device)
     alibi = alibi.repeat(batch, 1, 1).to(hidden.dtype)
     mask = span._mask("full_attention", hidden, cache, position_ids, layer_idx=first)
-    for layer in span.layers[first:last]:
+    for layer in layers:
         out = layer(hidden, layer_past=cache, attention_mask=mask, use_cache=cache is not None, alibi=alibi)
         hidden = _layer_output(out)
     return hidden
@@ -209,9 +235,10 @@ def _run_gpt2(
     last: int,
     cache: DynamicCache | None,
     position_ids: torch.Tensor,
+    layers: list[_Prompted],
 ) -> torch.Tensor:
     mask = span._mask("full_attention", hidden, cache, position_ids, layer_idx=first)
-    for layer in span.layers[first:last]:
+    for layer in layers:
         out = layer(hidden, cache, mask, None, use_cache=cache is not None, position_ids=position_ids)
         hidden = _layer_output(out)
     return hidden

@@ -16,6 +16,7 @@ RPC_FORWARD = "corolla.forward"
 RPC_INFERENCE = "corolla.inference"
 RPC_PING = "corolla.ping"
 RPC_PUSH = "corolla.push"
+RPC_BACKWARD = "corolla.backward"
 
 
 class Message(BaseModel):
@@ -30,8 +31,22 @@ class SpanRequest(Message):
     end: int = Field(gt=0)
 
 
+AdapterName = Field(default=None, min_length=1, max_length=256)
+
+
 class ForwardRequest(SpanRequest):
-    """A whole sequence through the span, no cache. Tensors: ``[hidden_states]``."""
+    """A whole sequence through the span, no cache. Tensors: ``[hidden_states]``, then with
+    ``prompts`` the deep prompts ``[end - start, batch, prefix, hidden]`` (added to the first
+    ``prefix`` positions before each block). ``active_adapter`` names a LoRA adapter the server
+    announced (None: the base weights)."""
+
+    prompts: bool = False
+    active_adapter: str | None = AdapterName
+
+
+class BackwardRequest(ForwardRequest):
+    """The gradient of a span's inputs. Tensors: ``[hidden_states, grad_outputs]``, then with
+    ``prompts`` the deep prompts. The reply's tensors: ``[grad_inputs]``, then ``[grad_prompts]``."""
 
 
 class PushTarget(Message):
@@ -51,6 +66,7 @@ class InferenceOpen(SpanRequest):
     batch_size: int = Field(default=1, gt=0)
     session_id: str | None = Field(default=None, min_length=1, max_length=64)
     push_to: PushTarget | None = None
+    active_adapter: str | None = AdapterName
 
 
 class InferenceStep(Message):
@@ -61,6 +77,7 @@ class InferenceStep(Message):
     position: int = Field(ge=0)
     step_id: int = Field(default=0, ge=0)  # the client's step counter (0: none): a step seen twice runs once
     open: InferenceOpen | None = None
+    prompts: bool = False  # a second tensor: deep prompts, as in ForwardRequest
 
 
 class PushStep(Message):
@@ -101,6 +118,7 @@ class ServerInfoReply(Message):
     torch_dtype: str
     quant_type: str = "none"
     tensor_parallel_devices: list[str] = []
+    adapters: list[str] = []
     max_batch_size: int
     inference_max_length: int
     cache_tokens_left: int

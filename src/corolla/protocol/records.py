@@ -29,6 +29,7 @@ class ServerInfo(BaseModel):
     torch_dtype: str  # activations travel in it
     quant_type: str = "none"  # weight quantisation: none, int8 or nf4
     tensor_parallel: int = Field(default=1, ge=1)  # devices each block is split across
+    adapters: tuple[str, ...] = ()  # LoRA adapters a request may name (active_adapter)
     public_name: str | None = None
     version: str
     max_inference_length: int = Field(ge=0)

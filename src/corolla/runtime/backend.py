@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import DynamicCache
 
 from corolla.models.span import SpanModel
+from corolla.runtime.adapters import using_adapter
 from corolla.runtime.quantize import quantized_bytes
 
 
@@ -26,6 +29,7 @@ class SpanBackend:
     ) -> None:
         self.span, self.dtype, self.device = span, dtype, device
         self.quant_type, self.tp_devices = quant_type, tp_devices
+        self.adapters: tuple[str, ...] = ()  # LoRA adapters loaded into the span (runtime.adapters)
         self.weight_bytes = quantized_bytes(span.layers)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
 
@@ -41,20 +45,81 @@ class SpanBackend:
         return self.span.new_cache()
 
     async def run(
-        self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache | None = None
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: DynamicCache | None = None,
+        *,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
-        """Blocks ``start..end-1`` (absolute indices) on ``hidden``; the result is in the server's dtype
-        (activations travel in the dtype the server announces)."""
+        """Blocks ``start..end-1`` (absolute indices) on ``hidden``, with deep ``prompts`` and a LoRA
+        ``adapter`` if given; the result is in the server's dtype (activations travel in the dtype
+        the server announces)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_sync, hidden, start, end, cache)
+        call = functools.partial(self._run_sync, hidden, start, end, cache, prompts, adapter)
+        return await loop.run_in_executor(self._executor, call)
+
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+        *,
+        prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradients of blocks ``start..end-1``'s inputs (and of ``prompts``) given the gradient
+        of their outputs: the forward pass is run again with autograd; weights stay frozen and
+        nothing is kept between calls."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._backward_sync, hidden, grad_outputs, start, end, prompts, adapter)
+        return await loop.run_in_executor(self._executor, call)
 
     def _run_sync(
-        self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache | None
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: DynamicCache | None,
+        prompts: torch.Tensor | None,
+        adapter: str | None,
     ) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._adapter(adapter):
             x = hidden.to(device=self.device, dtype=self.dtype)
-            y = self.span(x, first=start - self.start, last=end - self.start, cache=cache)
+            p = None if prompts is None else prompts.to(device=self.device, dtype=self.dtype)
+            y = self.span(x, first=start - self.start, last=end - self.start, cache=cache, prompts=p)
             return y.to(device="cpu")
+
+    def _backward_sync(
+        self,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None,
+        adapter: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.enable_grad(), self._adapter(adapter):
+            x = hidden.to(device=self.device, dtype=self.dtype).requires_grad_(True)
+            inputs = [x]
+            p = None
+            if prompts is not None:
+                p = prompts.to(device=self.device, dtype=self.dtype).requires_grad_(True)
+                inputs.append(p)
+            y = self.span(x, first=start - self.start, last=end - self.start, prompts=p)
+            grad_y = grad_outputs.to(device=y.device, dtype=y.dtype)
+            grads = torch.autograd.grad(y, inputs, grad_outputs=grad_y)
+        grad_prompts = grads[1].to(device="cpu") if p is not None else None
+        return grads[0].to(device="cpu"), grad_prompts
+
+    def _adapter(self, name: str | None) -> contextlib.AbstractContextManager[None]:
+        """Compute with LoRA adapter ``name`` active (None: the base weights)."""
+        if name is None and not self.adapters:
+            return contextlib.nullcontext()
+        return using_adapter(self.span, name)
 
     def crop(self, cache: DynamicCache, length: int) -> None:
         cache.crop(length)

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -20,11 +21,13 @@ from corolla.config import LimitsConfig
 from corolla.errors import BadRequest, CorollaError, ServerUnavailable
 from corolla.protocol import codec
 from corolla.protocol.messages import (
+    RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PING,
     RPC_PUSH,
+    BackwardRequest,
     ErrorInfo,
     ForwardRequest,
     InferenceStep,
@@ -38,6 +41,7 @@ from corolla.protocol.messages import (
     encode,
 )
 from corolla.runtime.backend import SpanBackend
+from corolla.server.metrics import ServerMetrics
 from corolla.server.sessions import Session, SessionTable
 
 logger = logging.getLogger(__name__)
@@ -74,8 +78,12 @@ class Hosting:
 class Handler:
     """The server's RPCs over the span it hosts (``hosting``, replaced when the server moves)."""
 
-    def __init__(self, limits: LimitsConfig, *, dht_prefix: str, hidden_size: int) -> None:
+    def __init__(
+        self, limits: LimitsConfig, *, dht_prefix: str, hidden_size: int, metrics: ServerMetrics | None = None
+    ) -> None:
         self.limits, self.dht_prefix, self.hidden_size = limits, dht_prefix, hidden_size
+        # exported only with --metrics_port; without it, counted and never read
+        self.metrics = metrics if metrics is not None else ServerMetrics()
         self.hosting: Hosting | None = None  # None while loading or moving
         self.pushes_received = 0
         self.stopping = asyncio.Event()
@@ -99,24 +107,30 @@ class Handler:
         await p2p.add_protobuf_handler(
             RPC_INFERENCE, self.rpc_inference, Request, stream_input=True, stream_output=True
         )
+        await p2p.add_protobuf_handler(
+            RPC_BACKWARD, self.rpc_backward, Request, stream_input=True, stream_output=True
+        )
 
     async def unregister(self, p2p: P2P) -> None:
         for name in (RPC_PING, RPC_INFO, RPC_PUSH):
             await p2p.remove_protobuf_handler(name)
-        for name in (RPC_FORWARD, RPC_INFERENCE):
+        for name in (RPC_FORWARD, RPC_INFERENCE, RPC_BACKWARD):
             await p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
 
     # --- RPCs ---------------------------------------------------------------------------------
 
     async def rpc_ping(self, request: Request, context: P2PContext) -> Response:
         """Echo nothing: peers time how long their payload takes to arrive (bandwidth)."""
+        self.metrics.request("ping")
         return Response()
 
     async def rpc_info(self, request: Request, context: P2PContext) -> Response:
+        self.metrics.request("info")
         try:
             decode(ServerInfoRequest, request.metadata)
             hosting = self.current()
         except CorollaError as e:
+            self.metrics.error("info", e)
             return error_response(e)
         backend, sessions = hosting.backend, hosting.sessions
         reply = ServerInfoReply(
@@ -127,6 +141,7 @@ class Handler:
             torch_dtype=str(backend.dtype).removeprefix("torch."),
             quant_type=backend.quant_type,
             tensor_parallel_devices=[str(d) for d in backend.tp_devices],
+            adapters=list(backend.adapters),
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=sessions.budget.left,
@@ -139,6 +154,7 @@ class Handler:
     async def rpc_forward(
         self, requests: AsyncIterator[Request], context: P2PContext
     ) -> AsyncIterator[Response]:
+        self.metrics.request("forward")
         try:
             request = await _StepInputs(requests, self.stopping).next(self.limits.request_timeout)
             if request is None:
@@ -146,17 +162,47 @@ class Handler:
             meta = decode(ForwardRequest, request.metadata)
             hosting = self.current()
             self._check_span(meta, hosting.backend)
-            hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
-            out = await asyncio.wait_for(
-                hosting.backend.run(hidden, meta.start, meta.end), self.limits.request_timeout
-            )
+            hidden, _, prompts = self._inputs_from(request, meta, grad=False)
+            with self.metrics.measure("forward", tokens=hidden.shape[0] * hidden.shape[1]):
+                out = await asyncio.wait_for(
+                    hosting.backend.run(
+                        hidden, meta.start, meta.end, prompts=prompts, adapter=meta.active_adapter
+                    ),
+                    self.limits.request_timeout,
+                )
             yield tensor_response(out)
         except Exception as e:
             yield self._report(e, "forward", context)
 
+    async def rpc_backward(
+        self, requests: AsyncIterator[Request], context: P2PContext
+    ) -> AsyncIterator[Response]:
+        """Gradients of a span's inputs (and deep prompts) from the gradient of its outputs."""
+        self.metrics.request("backward")
+        try:
+            request = await _StepInputs(requests, self.stopping).next(self.limits.request_timeout)
+            if request is None:
+                raise BadRequest("backward stream closed before its request")
+            meta = decode(BackwardRequest, request.metadata)
+            hosting = self.current()
+            self._check_span(meta, hosting.backend)
+            hidden, grad, prompts = self._inputs_from(request, meta, grad=True)
+            with self.metrics.measure("backward", tokens=hidden.shape[0] * hidden.shape[1]):
+                grad_in, grad_prompts = await asyncio.wait_for(
+                    hosting.backend.backward(
+                        hidden, grad, meta.start, meta.end, prompts=prompts, adapter=meta.active_adapter
+                    ),
+                    self.limits.request_timeout,
+                )
+            tensors = [grad_in] if grad_prompts is None else [grad_in, grad_prompts]
+            yield Response(tensors=[codec.pack(t) for t in tensors], metadata=encode(Reply()))
+        except Exception as e:
+            yield self._report(e, "backward", context)
+
     async def rpc_inference(
         self, requests: AsyncIterator[Request], context: P2PContext
     ) -> AsyncIterator[Response]:
+        self.metrics.request("inference")
         session: Session | None = None
         hosting: Hosting | None = None
         inputs = _StepInputs(requests, self.stopping)
@@ -191,6 +237,7 @@ class Handler:
 
     async def rpc_push(self, request: Request, context: P2PContext) -> Response:
         """The previous server of a chain delivers its output for one of our sessions."""
+        self.metrics.request("push")
         try:
             meta = decode(PushStep, request.metadata)
             session = self.current().sessions.find(meta.session_id)
@@ -201,6 +248,7 @@ class Handler:
             self.pushes_received += 1
             return Response()
         except Exception as e:
+            self.metrics.error("push", e)
             return error_response(e)
 
     async def _push(self, session: Session, step: InferenceStep, out: torch.Tensor) -> None:
@@ -238,6 +286,7 @@ class Handler:
         )
         hosting.sessions.register_key(session, meta.session_id)
         session.push_to = meta.push_to
+        session.adapter = meta.active_adapter
         return session
 
     async def _step(
@@ -248,12 +297,15 @@ class Handler:
                 f"this server moved away from blocks {session.start}:{session.end}; retry with another server"
             )
         position = step.position
-        hidden = self._hidden_from(request, max_tokens=self.limits.max_batch_size)
+        hidden, _, prompts = self._inputs_from(request, session, grad=False, prompts=step.prompts)
         session.check_step(position, hidden.shape[0], hidden.shape[1])
         if position < session.length:
             hosting.backend.crop(session.cache, position)
         first = session.last_step_id < 0
-        out = await hosting.backend.run(hidden, session.start, session.end, cache=session.cache)
+        with self.metrics.measure("inference", tokens=hidden.shape[0] * hidden.shape[1]):
+            out = await hosting.backend.run(
+                hidden, session.start, session.end, session.cache, prompts=prompts, adapter=session.adapter
+            )
         session.length = position + hidden.shape[1]
         session.last_step_id = step.step_id
         if session.push_to is not None and not first:  # the next session exists once the chain has run once
@@ -272,10 +324,43 @@ class Handler:
                 f"{backend.start}:{backend.end}"
             )
 
-    def _hidden_from(self, request: Request, *, max_tokens: int) -> torch.Tensor:
-        if len(request.tensors) != 1:
-            raise BadRequest(f"expected 1 tensor (hidden states), got {len(request.tensors)}")
-        hidden = codec.unpack(request.tensors[0])
+    def _inputs_from(
+        self, request: Request, span: Any, *, grad: bool, prompts: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(hidden states, their gradient if ``grad``, deep prompts if announced), checked against
+        the span ``span.start..span.end`` and this server's limits."""
+        with_prompts = span.prompts if prompts is None else prompts
+        names = ["hidden states"] + (["grad_outputs"] if grad else []) + (["prompts"] if with_prompts else [])
+        if len(request.tensors) != len(names):
+            raise BadRequest(
+                f"expected {len(names)} tensors ({', '.join(names)}), got {len(request.tensors)}"
+            )
+        hidden = self._hidden(codec.unpack(request.tensors[0]), max_tokens=self.limits.max_batch_size)
+        grad_out = None
+        if grad:
+            grad_out = codec.unpack(request.tensors[1])
+            if grad_out.shape != hidden.shape or not grad_out.is_floating_point():
+                raise BadRequest(
+                    "grad_outputs must be floating point with the hidden states' shape "
+                    f"{list(hidden.shape)}, got {list(grad_out.shape)} {grad_out.dtype}"
+                )
+        deep = None
+        if with_prompts:
+            deep = codec.unpack(request.tensors[-1])
+            expected = [span.end - span.start, hidden.shape[0], None, self.hidden_size]
+            if (
+                deep.ndim != 4
+                or not deep.is_floating_point()
+                or [deep.shape[0], deep.shape[1], deep.shape[3]] != [expected[0], expected[1], expected[3]]
+                or not 0 < deep.shape[2] <= self.limits.max_batch_size
+            ):
+                raise BadRequest(
+                    f"prompts must be floating point [{expected[0]} blocks, {expected[1]} batch, "
+                    f"prefix, {self.hidden_size}], got {list(deep.shape)} {deep.dtype}"
+                )
+        return hidden, grad_out, deep
+
+    def _hidden(self, hidden: torch.Tensor, *, max_tokens: int) -> torch.Tensor:
         if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size or 0 in hidden.shape:
             raise BadRequest(
                 f"hidden states must have shape [batch, seq, {self.hidden_size}], got {list(hidden.shape)}"
@@ -290,6 +375,7 @@ class Handler:
         return hidden
 
     def _report(self, error: Exception, rpc: str, context: P2PContext) -> Response:
+        self.metrics.error(rpc, error)
         peer = str(context.remote_id)[-8:] if context is not None else "?"
         if isinstance(error, CorollaError):
             logger.info("%s from ...%s refused: %s", rpc, peer, error)

@@ -19,3 +19,4 @@ class ServerPlan:
     dtype: torch.dtype
     quant_type: str = "none"  # none, int8 or nf4
     tp_devices: tuple[torch.device, ...] = ()  # empty: no tensor parallelism
+    adapters: tuple[tuple[str, Path], ...] = ()  # LoRA adapters to serve: (name clients use, directory)

@@ -19,10 +19,18 @@ from corolla.config import ServerConfig
 from corolla.errors import format_ranges
 from corolla.models.resolve import default_dht_prefix
 from corolla.protocol.records import ServerInfo, ServerState
+from corolla.runtime.adapters import load_adapters
 from corolla.runtime.backend import SpanBackend
 from corolla.runtime.kv_cache import CacheBudget, cache_bytes_per_token_block
 from corolla.runtime.loader import load_span
 from corolla.server.handler import Handler, Hosting
+from corolla.server.metrics import (
+    MetricsState,
+    ServerMetrics,
+    metrics_host,
+    start_metrics_server,
+    stop_metrics_server,
+)
 from corolla.server.placement import Span, rebalance_target, settle_span, swarm_spans
 from corolla.server.plan import ServerPlan
 from corolla.server.sessions import SessionTable
@@ -46,8 +54,13 @@ class Server:
         self.config, self.plan = config, plan
         self.dht_prefix = config.dht_prefix or default_dht_prefix(plan.model_name)
         self.model_blocks: int = plan.model_config.num_hidden_layers
+        self.metrics = ServerMetrics()
+        self.metrics.watch(self._metrics_state)
         self.handler = Handler(
-            config.limits, dht_prefix=self.dht_prefix, hidden_size=plan.model_config.hidden_size
+            config.limits,
+            dht_prefix=self.dht_prefix,
+            hidden_size=plan.model_config.hidden_size,
+            metrics=self.metrics,
         )
         self.throughput = 0.0
         self.span: Span | None = None
@@ -55,6 +68,17 @@ class Server:
         self.rng = random.Random()
 
     async def serve(self) -> None:
+        port = self.config.metrics_port
+        if port is None or self.config.throughput == "dry_run":
+            return await self._serve()
+        # before joining the swarm or loading anything: a port in use is refused at once
+        httpd = start_metrics_server(self.metrics, port, metrics_host(self.config.network.listen_maddrs()))
+        try:
+            await self._serve()
+        finally:
+            stop_metrics_server(httpd)
+
+    async def _serve(self) -> None:
         self._install_signal_handlers()
         t0 = time.monotonic()
         dht = await asyncio.to_thread(self._join_swarm)
@@ -159,6 +183,9 @@ class Server:
         backend = SpanBackend(
             span, plan.dtype, plan.device, quant_type=plan.quant_type, tp_devices=plan.tp_devices
         )
+        if plan.adapters:
+            backend.adapters = tuple(load_adapters(span, plan.adapters, dtype=plan.dtype, device=plan.device))
+            logger.info("serving LoRA adapters: %s", ", ".join(backend.adapters))
         logger.info(
             "loaded %d blocks in %.1f s: weights %s, attention cache budget %s (%d tokens x %d blocks)",
             end - start, time.monotonic() - t0, _human(backend.weight_bytes), _human(cache * (end - start)),
@@ -185,6 +212,22 @@ class Server:
             flush=True,
         )
 
+    def _metrics_state(self) -> MetricsState:
+        """The state gauges' values; runs in the metrics HTTP thread at each scrape."""
+        hosting = self.handler.hosting
+        if hosting is None:
+            return MetricsState(throughput=self.throughput)
+        backend, sessions = hosting.backend, hosting.sessions
+        return MetricsState(
+            active_sessions=len(sessions),
+            cache_tokens_used=sessions.budget.used,
+            cache_tokens_free=sessions.budget.left,
+            span=(backend.start, backend.end),
+            dtype=str(backend.dtype).removeprefix("torch."),
+            quant_type=backend.quant_type,
+            throughput=self.throughput,
+        )
+
     # --- announcements and rebalancing --------------------------------------------------------
 
     def _record(self, state: ServerState, span: Span) -> ServerInfo:
@@ -200,6 +243,7 @@ class Server:
             torch_dtype=str(self.plan.dtype).removeprefix("torch."),
             quant_type=self.plan.quant_type,
             tensor_parallel=max(1, len(self.plan.tp_devices)),
+            adapters=tuple(name for name, _ in self.plan.adapters),
             public_name=self.config.public_name,
             version=__version__,
             max_inference_length=self.config.limits.inference_max_length,

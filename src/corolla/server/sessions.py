@@ -28,6 +28,7 @@ class Session:
     opened_at: float = field(default_factory=time.monotonic)
     key: str | None = None  # the client's session id, for pushes from the previous server
     push_to: Any = None  # PushTarget: where to push this session's outputs
+    adapter: str | None = None  # the LoRA adapter this session computes with
     last_step_id: int = -1  # steps with an id not above this one were already run
     pushed: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs pushed by the previous server
 

@@ -98,7 +98,7 @@ def test_malformed_input_raises_one_line_bad_request(
     ("cls", "raw", "field"),
     [
         (InferenceStep, b'{"position": 1, "tokens": [1, 2]}', "tokens"),
-        (ForwardRequest, b'{"start": 0, "end": 2, "prompts": null}', "prompts"),
+        (ForwardRequest, b'{"start": 0, "end": 2, "hypo": null}', "hypo"),
         (
             InferenceStep,
             b'{"position": 0, "open": {"start": 0, "end": 2, "max_length": 4, "x": 1}}',

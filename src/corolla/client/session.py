@@ -34,9 +34,14 @@ class _HopFailed(Exception):
 class InferenceSession:
     """``with model.inference_session(max_length=N) as s:`` — steps hidden states through the swarm."""
 
-    def __init__(self, manager: SequenceManager, max_length: int, batch_size: int = 1) -> None:
+    def __init__(
+        self, manager: SequenceManager, max_length: int, batch_size: int = 1, *, adapter: str | None = None
+    ) -> None:
         self.manager, self.max_length, self.batch_size = manager, max_length, batch_size
+        self.adapter = adapter  # the LoRA adapter the servers compute with (None: base weights)
         self.position = 0
+        self.prefix_length = 0  # prompt-tuning positions before the first token (set by the model)
+        self.prompts: torch.Tensor | None = None  # deep prompts [blocks, batch, prefix, hidden], if any
         self.token_ids: torch.Tensor | None = None  # tokens of the conversation (used by generate)
         self._hops: list[_HopStream] = []
         self._step_id = 0  # one per step; servers run a step once even if it arrives twice (push + copy)
@@ -52,8 +57,10 @@ class InferenceSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Send hidden states for the next positions through every block; returns the last block's output."""
+    def step(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Send hidden states for the next positions through every block; returns the last block's
+        output. Deep ``prompts`` [blocks, batch, prefix, hidden] go with the first step (servers add
+        them to positions below ``prefix``); a session with prompts does not use server push."""
         if self.closed:
             raise CorollaError("this inference session is closed; open a new one")
         if self.position + hidden.shape[1] > self.max_length:
@@ -61,6 +68,8 @@ class InferenceSession:
                 f"the session's max_length {self.max_length} would be exceeded; "
                 "open a session with a larger max_length"
             )
+        if prompts is not None:
+            self.prompts = prompts.detach()
         if not self._hops:
             self._hops = self._open(0, self.manager.num_blocks)
         self._step_id += 1
@@ -83,7 +92,11 @@ class InferenceSession:
     def _send(self, hop: _HopStream, hidden: torch.Tensor, step_id: int | None = None) -> torch.Tensor:
         timeout = self.manager.config.step_timeout
         step_id = self._step_id if step_id is None else step_id
-        step = hop.stream.step(hidden.to(getattr(torch, hop.hop.dtype)), self.position, timeout, step_id)
+        dtype = getattr(torch, hop.hop.dtype)
+        prompts = None
+        if self.prompts is not None and self.position < self.prompts.shape[2]:
+            prompts = self.prompts[hop.hop.start : hop.hop.end].to(dtype)
+        step = hop.stream.step(hidden.to(dtype), self.position, timeout, step_id, prompts)
         return self.manager.loop.run(step, timeout=timeout + 5)
 
     def _open(self, start: int, end: int, cause: str | None = None, then: _HopStream | None = None
@@ -94,10 +107,11 @@ class InferenceSession:
         for hop in reversed(self.manager.route(start, end, cause=cause)):
             after = hops[0] if hops else then
             push_to = None
-            if after is not None and self.manager.config.use_push:
+            if after is not None and self.manager.config.use_push and self.prompts is None:
                 push_to = PushTarget(peer_id=after.hop.peer_id, session_id=after.stream.session_id)
             stream = InferenceStream(self.manager.p2p, self.manager.peer(hop), hop.start, hop.end,
-                                     self.max_length, self.batch_size, push_to=push_to)  # fmt: skip
+                                     self.max_length, self.batch_size, push_to=push_to,
+                                     adapter=self.adapter)  # fmt: skip
             hops.insert(0, _HopStream(hop, stream))
         return hops
 

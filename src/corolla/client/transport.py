@@ -21,10 +21,12 @@ from corolla import errors
 from corolla.errors import RemoteError, ServerUnavailable
 from corolla.protocol import codec
 from corolla.protocol.messages import (
+    RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PING,
+    BackwardRequest,
     ForwardRequest,
     InferenceOpen,
     InferenceStep,
@@ -70,12 +72,19 @@ class EventLoopThread:
             raise ServerUnavailable(f"no answer within {timeout:.0f} s") from None
 
 
-def _request(meta: Message, tensor: torch.Tensor) -> runtime_pb2.ExpertRequest:
-    return runtime_pb2.ExpertRequest(metadata=encode(meta), tensors=[codec.pack(tensor)])
+def _request(meta: Message, *tensors: torch.Tensor | None) -> runtime_pb2.ExpertRequest:
+    packed = [codec.pack(t) for t in tensors if t is not None]
+    return runtime_pb2.ExpertRequest(metadata=encode(meta), tensors=packed)
 
 
 def _result(response: runtime_pb2.ExpertResponse, peer: str) -> tuple[torch.Tensor, Reply]:
     """The tensor of a reply, or the server's typed error raised here."""
+    tensors, reply = _results(response, peer, 1)
+    return tensors[0], reply
+
+
+def _results(response: runtime_pb2.ExpertResponse, peer: str, count: int) -> tuple[list[torch.Tensor], Reply]:
+    """The ``count`` tensors of a reply, or the server's typed error raised here."""
     reply = Reply.model_validate_json(response.metadata or b"{}")
     if reply.error is not None:
         cls = getattr(errors, reply.error.kind, None)
@@ -85,23 +94,56 @@ def _result(response: runtime_pb2.ExpertResponse, peer: str) -> tuple[torch.Tens
         ):
             cls = RemoteError
         raise cls(f"server ...{peer[-8:]}: {reply.error.message}")
-    if len(response.tensors) != 1:
-        raise RemoteError(f"server ...{peer[-8:]} sent {len(response.tensors)} tensors instead of 1")
-    return codec.unpack(response.tensors[0]), reply
+    if len(response.tensors) != count:
+        raise RemoteError(f"server ...{peer[-8:]} sent {len(response.tensors)} tensors instead of {count}")
+    return [codec.unpack(t) for t in response.tensors], reply
 
 
-async def call_forward(p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+async def call_forward(
+    p2p: P2P,
+    peer_id: PeerID,
+    start: int,
+    end: int,
+    hidden: torch.Tensor,
+    *,
+    prompts: torch.Tensor | None = None,
+    adapter: str | None = None,
+) -> torch.Tensor:
     """Run blocks ``start..end-1`` of one server on a whole sequence, without a cache."""
+    meta = ForwardRequest(start=start, end=end, prompts=prompts is not None, active_adapter=adapter)
+    return (await _call_span(p2p, peer_id, RPC_FORWARD, _request(meta, hidden, prompts), 1))[0]
 
+
+async def call_backward(
+    p2p: P2P,
+    peer_id: PeerID,
+    start: int,
+    end: int,
+    hidden: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    *,
+    prompts: torch.Tensor | None = None,
+    adapter: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of blocks ``start..end-1``'s inputs (and deep prompts) on one server."""
+    meta = BackwardRequest(start=start, end=end, prompts=prompts is not None, active_adapter=adapter)
+    request = _request(meta, hidden, grad_outputs, prompts)
+    grads = await _call_span(p2p, peer_id, RPC_BACKWARD, request, 1 if prompts is None else 2)
+    return grads[0], (grads[1] if prompts is not None else None)
+
+
+async def _call_span(
+    p2p: P2P, peer_id: PeerID, rpc: str, request: runtime_pb2.ExpertRequest, count: int
+) -> list[torch.Tensor]:
     async def one_request() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        yield _request(ForwardRequest(start=start, end=end), hidden)
+        yield request
 
     try:
         responses = await p2p.iterate_protobuf_handler(
-            peer_id, RPC_FORWARD, one_request(), runtime_pb2.ExpertResponse
+            peer_id, rpc, one_request(), runtime_pb2.ExpertResponse
         )
         async for response in responses:
-            return _result(response, peer_id.to_base58())[0]
+            return _results(response, peer_id.to_base58(), count)[0]
     except errors.CorollaError:
         raise
     except Exception as e:
@@ -146,13 +188,13 @@ class InferenceStream:
 
     def __init__(
         self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int,
-        *, push_to: PushTarget | None = None,
+        *, push_to: PushTarget | None = None, adapter: str | None = None,
     ) -> None:  # fmt: skip
         self.p2p, self.peer_id = p2p, peer_id
         self.session_id = uuid.uuid4().hex
         self.open_meta = InferenceOpen(
             start=start, end=end, max_length=max_length, batch_size=batch_size,
-            session_id=self.session_id, push_to=push_to,
+            session_id=self.session_id, push_to=push_to, active_adapter=adapter,
         )  # fmt: skip
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
@@ -167,16 +209,22 @@ class InferenceStream:
             yield item
 
     async def step(
-        self, hidden: torch.Tensor, position: int, timeout: float, step_id: int = 0
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        timeout: float,
+        step_id: int = 0,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         first = self._responses is None
-        meta = InferenceStep(position=position, step_id=step_id, open=self.open_meta if first else None)
+        opening = self.open_meta if first else None
+        meta = InferenceStep(position=position, step_id=step_id, open=opening, prompts=prompts is not None)
         try:
             if self._responses is None:
                 self._responses = await self.p2p.iterate_protobuf_handler(
                     self.peer_id, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
                 )
-            self._outbox.put_nowait(_request(meta, hidden))
+            self._outbox.put_nowait(_request(meta, hidden, prompts))
             response = await self._receive(timeout)
         except StopAsyncIteration:
             raise ServerUnavailable(f"server ...{self.peer[-8:]} closed the session") from None

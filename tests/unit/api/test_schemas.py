@@ -1,0 +1,100 @@
+"""Request validation and the sampling parameters requests resolve to."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from corolla.api.errors import validation_error
+from corolla.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def chat(**fields: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({**CHAT, **fields})
+
+
+def rejection(cls: type, body: dict[str, object]) -> tuple[str | None, str]:
+    """(param, message) of the 400 that ``body`` gets."""
+    with pytest.raises(ValidationError) as caught:
+        cls.model_validate(body)
+    error = validation_error(caught.value.errors())
+    assert error.status == 400 and error.type == "invalid_request_error"
+    return error.param, error.message
+
+
+def test_defaults_resolve_to_openai_defaults() -> None:
+    assert chat().sampling() == SamplingParams(
+        max_tokens=None, temperature=1.0, top_p=1.0, seed=None, stop=()
+    )
+    assert chat(temperature=None, top_p=None, stop=None, n=None).sampling() == chat().sampling()
+
+
+def test_stop_as_a_string_or_a_list() -> None:
+    assert chat(stop="\n").sampling().stop == ("\n",)
+    assert chat(stop=["a", "bc", "a", ""]).sampling().stop == ("a", "bc")  # repeats and empties dropped
+
+
+def test_known_fields_are_carried_and_unknown_ones_ignored() -> None:
+    params = chat(max_tokens=7, temperature=0, top_p=0.5, seed=3, user="me", presence_penalty=0.1).sampling()
+    assert params == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, seed=3)
+    assert chat(max_completion_tokens=9).sampling().max_tokens == 9
+    assert chat(max_completion_tokens=9, max_tokens=4).sampling().max_tokens == 4
+
+
+def test_n_other_than_one_is_refused() -> None:
+    assert chat(n=1).sampling() == chat().sampling()
+    param, message = rejection(ChatCompletionRequest, {**CHAT, "n": 2})
+    assert param == "n" and "only n=1 is supported" in message and not message.startswith("Value error")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("max_tokens", 0),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", 5),
+        ("seed", "x"),
+    ],
+)
+def test_bad_parameters_name_their_field(field: str, value: object) -> None:
+    param, message = rejection(ChatCompletionRequest, {**CHAT, field: value})
+    assert param == field and message.startswith(f"{field}: ")
+
+
+def test_messages_must_be_a_nonempty_conversation_of_known_roles() -> None:
+    assert rejection(ChatCompletionRequest, {**CHAT, "messages": []})[0] == "messages"
+    bad_role = {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}
+    param, message = rejection(ChatCompletionRequest, bad_role)
+    assert param == "messages" and message.startswith("messages.0.role: ")
+    assert rejection(ChatCompletionRequest, {"messages": CHAT["messages"]})[0] == "model"
+
+
+def test_message_content_as_text_parts_and_developer_role() -> None:
+    request = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "you"}],
+            },
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert [m.as_template_message() for m in request.messages] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello, you"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+def test_completion_prompt_is_one_text() -> None:
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "Hi"}).prompt_text() == "Hi"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["Hi"]}).prompt_text() == "Hi"
+    param, message = rejection(CompletionRequest, {"model": "m", "prompt": ["a", "b"]})
+    assert param == "prompt" and "exactly one prompt" in message

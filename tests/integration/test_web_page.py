@@ -2,7 +2,8 @@
 
 Needs Debian's ``chromium`` (``make setup`` installs it) and the ``playwright`` package (the ``test``
 extra); Playwright drives the system Chromium, it downloads no browser. Without them the test is
-skipped, except in CI (``CI=true``), where it fails."""
+skipped, except in CI (``CI=true``), where it fails. The screenshot is saved in the test's
+temporary directory; with ``COROLLA_UPDATE_SCREENSHOT=1`` it also replaces ``docs/web-page.png``."""
 
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ def test_page_shows_the_swarm_and_streams_an_answer_along_its_route(
     expect(page.locator("#route-text")).to_contain_text("home-pc")
     assert not errors, errors
 
-    page.screenshot(path=tmp_path / "web-page.png")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    shutil.copyfile(tmp_path / "web-page.png", SCREENSHOT)
+    page.screenshot(path=tmp_path / "web-page.png")  # the test's artifact
+    if os.environ.get("COROLLA_UPDATE_SCREENSHOT"):  # refresh the README's picture on purpose only
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(tmp_path / "web-page.png", SCREENSHOT)
     page.close()

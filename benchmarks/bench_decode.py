@@ -13,7 +13,13 @@ untimed runs. Decode rate = (tokens after the first) / (time after the first tok
 to first token (TTFT) = from calling ``generate`` (for the swarm: from opening the
 inference session) to the first new token, prefill included.
 
-    python benchmarks/bench_decode.py [--repeats 3] [--max_new_tokens 64] [--json]
+With the one-server swarm up it also measures a prefill (one forward pass over a fixed
+``--prefill_tokens``-token prompt, against local ``transformers``) and ``--sessions`` sessions
+generating at once (their aggregate decode tokens/s against one session's; the server merges
+their decode steps into one pass), and it reports every server's start-up time, each against
+the targets of the performance issue.
+
+    python benchmarks/bench_decode.py [--repeats 3] [--max_new_tokens 64] [--sessions 8] [--json]
 
 Timing is reported, never asserted.
 """
@@ -27,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +53,10 @@ from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.models.resolve import resolve_model
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-TARGETS = {"swarm_1": 0.7, "swarm_2": 0.6}  # swarm decode tokens/s over local, at least
+TARGETS = {"swarm_1": 0.85, "swarm_2": 0.75}  # swarm decode tokens/s over local, at least
+PREFILL_TARGET = 1.2  # swarm prefill time over local, at most
+CONCURRENT_TARGET = 3.0  # aggregate decode tokens/s of --sessions sessions over one session, at least
+STARTUP_TARGET_S = 10.0  # server start until ready, at most
 
 
 # --- measuring one generate() -----------------------------------------------------------------
@@ -117,6 +127,44 @@ def swarm_generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor, 
     return run_from_clock(started, clock)
 
 
+def prefill_ids(tokens: int) -> torch.Tensor:
+    """A fixed random prompt of ``tokens`` tokens (the same in every run)."""
+    return torch.randint(100, 10_000, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+
+def time_prefill(model: PreTrainedModel, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of a full forward pass over ``ids`` (logits of every position), after a warm-up."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            model(ids)
+            if i:
+                times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def concurrent_generate(
+    model: DistributedModelForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, sessions: int
+) -> tuple[float, list[list[int]]]:
+    """``sessions`` threads, each generating in its own inference session at the same time: the
+    aggregate new tokens/s (all tokens / wall time) and each session's new tokens."""
+    results: list[list[int]] = [[] for _ in range(sessions)]
+
+    def one(index: int) -> None:
+        with torch.no_grad(), model.inference_session(max_length=input_ids.shape[1] + max_new_tokens):
+            out = model.generate(input_ids, **generation_kwargs(max_new_tokens))
+        results[index] = out[0, input_ids.shape[1] :].tolist()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sessions * max_new_tokens / (time.perf_counter() - started), results
+
+
 # --- how busy the rest of the machine was ---------------------------------------------------------
 
 
@@ -181,6 +229,9 @@ class Phase:
     runs: list[Run] = field(default_factory=list)
     ready_after_s: list[float] = field(default_factory=list)
     others_cpu_share: float | None = None  # during the timed runs
+    prefill_s: float | None = None  # median full forward pass over the prefill prompt
+    concurrent_tokens_per_s: list[float] = field(default_factory=list)  # aggregate, per repeat
+    concurrent_identical: bool | None = None  # every concurrent session gave the reference tokens
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -198,6 +249,11 @@ class Phase:
             "runs": [{"decode_tokens_per_s": r.decode_tokens_per_s, "ttft_s": r.ttft_s} for r in self.runs],
             "ready_after_s": self.ready_after_s,
             "others_cpu_share": self.others_cpu_share,
+            "prefill_s": self.prefill_s,
+            "concurrent_tokens_per_s": (
+                statistics.median(self.concurrent_tokens_per_s) if self.concurrent_tokens_per_s else None
+            ),
+            "concurrent_identical": self.concurrent_identical,
         }
 
 
@@ -218,12 +274,14 @@ def repeat_runs(phase: Phase, generate_once: Callable[[], Run], warmup: int, rep
 def measure_local(
     key: str, label: str, model: PreTrainedModel, input_ids: torch.Tensor, args: argparse.Namespace
 ) -> Phase:
-    return repeat_runs(
+    phase = repeat_runs(
         Phase(key, label),
         lambda: local_generate(model, input_ids, args.max_new_tokens),
         args.warmup,
         args.repeats,
     )
+    phase.prefill_s = time_prefill(model, prefill_ids(args.prefill_tokens), args.repeats)
+    return phase
 
 
 def start_servers(
@@ -272,6 +330,15 @@ def measure_swarm(
                 args.warmup,
                 args.repeats,
             )
+            if count == 1:  # prefill and concurrent sessions: measured on the one-server swarm
+                phase.prefill_s = time_prefill(model, prefill_ids(args.prefill_tokens), args.repeats)
+                reference = phase.runs[0].tokens
+                identical = True
+                for _ in tqdm(range(args.repeats), desc=f"{args.sessions} sessions at once", file=sys.stderr):
+                    rate, outputs = concurrent_generate(model, input_ids, args.max_new_tokens, args.sessions)
+                    phase.concurrent_tokens_per_s.append(rate)
+                    identical = identical and all(out == reference for out in outputs)
+                phase.concurrent_identical = identical
         finally:
             model.manager.shutdown()
     finally:
@@ -319,8 +386,34 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
         "local": local.summary(),
         "phases": {key: phase.summary() for key, phase in phases.items()},
         "ratios": {key: compare(phases[key], local) for key in swarm_keys},
+        "serving": serving_figures(phases, args),
         "tokens_identical": all(identical.values()),
         "tokens_identical_by_phase": identical,
+    }
+
+
+def serving_figures(phases: dict[str, Phase], args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill over local, concurrent sessions over one, and start-up, against their targets."""
+    one = phases["swarm_1"]
+    local_prefill = statistics.median(
+        p.prefill_s for key, p in phases.items() if key.startswith("local") and p.prefill_s is not None
+    )
+    prefill = (one.prefill_s or float("nan")) / local_prefill
+    concurrent = statistics.median(one.concurrent_tokens_per_s) / one.decode_tokens_per_s
+    startup = max(r for key in phases if key.startswith("swarm") for r in phases[key].ready_after_s)
+    return {
+        "prefill_tokens": args.prefill_tokens,
+        "prefill_local_s": local_prefill,
+        "prefill_swarm_s": one.prefill_s,
+        "prefill_vs_local": prefill,
+        "prefill_target_met": prefill <= PREFILL_TARGET,
+        "sessions": args.sessions,
+        "concurrent_tokens_per_s": statistics.median(one.concurrent_tokens_per_s),
+        "concurrent_vs_one_session": concurrent,
+        "concurrent_target_met": concurrent >= CONCURRENT_TARGET,
+        "concurrent_identical": one.concurrent_identical,
+        "slowest_startup_s": startup,
+        "startup_target_met": startup <= STARTUP_TARGET_S,
     }
 
 
@@ -351,7 +444,18 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [format_row(phases[key], None) for key in phases if key.startswith("local")]
     lines.append(format_row(report["local"], None, baseline=True))
     lines += [format_row(phases[key], report["ratios"][key]) for key in phases if key.startswith("swarm")]
+    v = report["serving"]
     lines += [
+        "",
+        f"prefill of {v['prefill_tokens']} tokens, one server: {v['prefill_swarm_s']:.3f} s vs local "
+        f"{v['prefill_local_s']:.3f} s = {v['prefill_vs_local']:.2f}x (target <= {PREFILL_TARGET}: "
+        f"{'ok' if v['prefill_target_met'] else 'MISS'})",
+        f"{v['sessions']} sessions at once on one server: {v['concurrent_tokens_per_s']:.1f} tok/s in all = "
+        f"{v['concurrent_vs_one_session']:.2f}x one session (target >= {CONCURRENT_TARGET}: "
+        f"{'ok' if v['concurrent_target_met'] else 'MISS'}); tokens identical to one session: "
+        f"{'yes' if v['concurrent_identical'] else 'no'}",
+        f"slowest server start-up until ready: {v['slowest_startup_s']:.1f} s "
+        f"(target <= {STARTUP_TARGET_S:.0f}: {'ok' if v['startup_target_met'] else 'MISS'})",
         "",
         "others = share of the machine's CPU used by processes other than this benchmark during the timed",
         "runs; well above 0% means those figures were disturbed. ready s = server start until ready.",
@@ -402,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens per run, forced (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: 1)")
+    p.add_argument("--prefill_tokens", type=int, default=512, help="prompt length of the prefill figure")
+    p.add_argument("--sessions", type=int, default=8, help="sessions at once for the batching figure")
     p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p

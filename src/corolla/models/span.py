@@ -91,6 +91,52 @@ class SpanModel(nn.Module):
         run = _RUNNERS[self.family.style]
         return run(self, hidden, first, last, cache, position_ids, layers)
 
+    @property
+    def can_batch_decode(self) -> bool:
+        """Whether ``decode_batch`` can merge sessions: the Llama layout with full attention only and
+        one cache slot per layer (no tensor parallelism)."""
+        kinds = {attention_kind(self.config, i) for i in range(len(self.layers))}
+        one_slot = self.cache_config is self.config
+        return self.family.style == "rope" and kinds == {"full_attention"} and one_slot
+
+    def decode_batch(
+        self, hiddens: list[torch.Tensor], caches: list[DynamicCache], *, first: int, last: int
+    ) -> list[torch.Tensor]:
+        """One decode step (one new position each) of several sessions in one pass over the
+        weights. Each session keeps its own cache and positions: their keys and values are stacked,
+        right-padded to the longest, and a per-row mask hides the padding, so every row computes
+        what it would alone (up to float rounding of batched kernels). Each cache grows by one."""
+        lengths = [cache.get_seq_length(first) for cache in caches]
+        longest = max(lengths)
+        x = torch.cat(hiddens, dim=0)
+        merged = DynamicCache(config=self.cache_config)
+        for index in range(first, last):
+            keys = [cache.layers[index].keys for cache in caches]
+            values = [cache.layers[index].values for cache in caches]
+            merged.update(_right_pad(keys, longest), _right_pad(values, longest), index)
+        position_ids = torch.tensor(lengths, device=x.device).unsqueeze(1)
+        visible = torch.arange(longest + 1, device=x.device).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+        visible[:, longest] = True  # each row's own new position
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~visible, torch.finfo(x.dtype).min)[:, None, None, :]
+        position_embeddings = self.rotary_emb(x, position_ids=position_ids)
+        for layer in self.layers[first:last]:
+            out = layer(
+                x,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=merged,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+            x = _layer_output(out)
+        for row, cache in enumerate(caches):
+            for index in range(first, last):
+                new_key = merged.layers[index].keys[row : row + 1, :, longest:]
+                new_value = merged.layers[index].values[row : row + 1, :, longest:]
+                cache.update(new_key, new_value, index)
+        return list(x.split(1, dim=0))
+
     def _mask(
         self,
         kind: str,
@@ -107,6 +153,15 @@ class SpanModel(nn.Module):
             position_ids=position_ids,
             **kw,
         )
+
+
+def _right_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    """[1, heads, n_i, dim] tensors -> [batch, heads, length, dim], zeros after each one's n_i."""
+    first = tensors[0]
+    out = first.new_zeros((len(tensors), first.shape[1], length, first.shape[3]))
+    for row, tensor in enumerate(tensors):
+        out[row, :, : tensor.shape[2]] = tensor[0]
+    return out
 
 
 def _layer_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:

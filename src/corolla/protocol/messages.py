@@ -119,6 +119,7 @@ class ServerInfoReply(Message):
     quant_type: str = "none"
     tensor_parallel_devices: list[str] = []
     adapters: list[str] = []
+    batched_steps: int = 0  # decode steps that ran merged with other sessions' steps
     max_batch_size: int
     inference_max_length: int
     cache_tokens_left: int

@@ -1,4 +1,9 @@
-"""The one compute thread that owns a span's weights; callers await its results."""
+"""The one compute thread that owns a span's weights; callers await its results.
+
+Decode steps (one new position of one sequence, with a cache) of concurrent sessions are merged:
+while the compute thread is busy, newly arriving steps queue up, and the next pass runs all of
+them at once over the weights (``SpanModel.decode_batch``). A lone session takes the plain path,
+so it pays nothing for this."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -13,6 +19,18 @@ from transformers import DynamicCache
 from corolla.models.span import SpanModel
 from corolla.runtime.adapters import using_adapter
 from corolla.runtime.quantize import quantized_bytes
+
+MAX_DECODE_BATCH = 32  # decode steps merged into one pass at most
+
+
+@dataclass
+class _DecodeStep:
+    hidden: torch.Tensor
+    start: int
+    end: int
+    cache: DynamicCache
+    adapter: str | None
+    done: asyncio.Future[torch.Tensor]
 
 
 class SpanBackend:
@@ -32,6 +50,9 @@ class SpanBackend:
         self.adapters: tuple[str, ...] = ()  # LoRA adapters loaded into the span (runtime.adapters)
         self.weight_bytes = quantized_bytes(span.layers)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        self._decode_queue: list[_DecodeStep] = []
+        self._draining = False
+        self.batched_steps = 0  # decode steps that ran merged with others (for tests and metrics)
 
     @property
     def start(self) -> int:
@@ -58,8 +79,61 @@ class SpanBackend:
         ``adapter`` if given; the result is in the server's dtype (activations travel in the dtype
         the server announces)."""
         loop = asyncio.get_running_loop()
+        if prompts is None and self._is_decode_step(hidden, start, cache):
+            assert cache is not None
+            step = _DecodeStep(hidden, start, end, cache, adapter, loop.create_future())
+            self._decode_queue.append(step)
+            if not self._draining:
+                self._draining = True
+                asyncio.ensure_future(self._drain_decode_queue())
+            return await step.done
         call = functools.partial(self._run_sync, hidden, start, end, cache, prompts, adapter)
         return await loop.run_in_executor(self._executor, call)
+
+    def _is_decode_step(self, hidden: torch.Tensor, start: int, cache: DynamicCache | None) -> bool:
+        """One new position of one sequence whose cache already holds its prompt."""
+        return (
+            cache is not None
+            and hidden.shape[:2] == (1, 1)
+            and self.span.can_batch_decode
+            and cache.get_seq_length(start - self.start) > 0
+        )
+
+    async def _drain_decode_queue(self) -> None:
+        """Run queued decode steps, merging those of the same blocks and adapter, until none is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._decode_queue:
+                taken = self._decode_queue[:MAX_DECODE_BATCH]
+                del self._decode_queue[:MAX_DECODE_BATCH]
+                groups: dict[tuple[int, int, str | None], list[_DecodeStep]] = {}
+                for step in taken:
+                    groups.setdefault((step.start, step.end, step.adapter), []).append(step)
+                for group in groups.values():
+                    try:
+                        outs = await loop.run_in_executor(self._executor, self._decode_sync, group)
+                    except Exception as e:
+                        for step in group:
+                            if not step.done.done():
+                                step.done.set_exception(e)
+                        continue
+                    for step, out in zip(group, outs, strict=True):
+                        if not step.done.done():
+                            step.done.set_result(out)
+        finally:
+            self._draining = False
+
+    def _decode_sync(self, group: list[_DecodeStep]) -> list[torch.Tensor]:
+        first = group[0]
+        if len(group) == 1:
+            return [self._run_sync(first.hidden, first.start, first.end, first.cache, None, first.adapter)]
+        self.batched_steps += len(group)
+        with torch.inference_mode(), self._adapter(first.adapter):
+            hiddens = [s.hidden.to(device=self.device, dtype=self.dtype) for s in group]
+            outs = self.span.decode_batch(
+                hiddens, [s.cache for s in group], first=first.start - self.start, last=first.end - self.start
+            )
+            return [out.to(device="cpu") for out in outs]
 
     async def backward(
         self,

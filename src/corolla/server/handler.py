@@ -142,6 +142,7 @@ class Handler:
             quant_type=backend.quant_type,
             tensor_parallel_devices=[str(d) for d in backend.tp_devices],
             adapters=list(backend.adapters),
+            batched_steps=backend.batched_steps,
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=sessions.budget.left,

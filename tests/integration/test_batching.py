@@ -1,0 +1,67 @@
+"""Concurrent sessions on one server: their decode steps are merged into one pass over the
+weights, and every session still gets exactly the tokens it gets alone."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.client.transport import call_info
+
+NUM_BLOCKS = 6  # tiny_gqa_dir
+SESSIONS = 8
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
+    servers = start_swarm(
+        str(tiny_gqa_dir), [(0, NUM_BLOCKS)], initial_peers=[dht_peer.maddr or ""],
+        extra_args=["--dht_prefix", "batching"], log_dir=tmp_path_factory.mktemp("batching"),
+    )  # fmt: skip
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr or ""], dht_prefix="batching"
+    )
+    yield remote
+    remote.manager.shutdown()
+    stop_all(servers)
+
+
+def batched_steps(model) -> int:  # type: ignore[no-untyped-def]
+    manager = model.manager
+    hop = manager.route(0, NUM_BLOCKS)[0]
+    return manager.loop.run(call_info(manager.p2p, manager.peer(hop)), timeout=30).batched_steps
+
+
+def test_eight_concurrent_sessions_get_the_tokens_each_gets_alone(model, local_model) -> None:  # type: ignore[no-untyped-def]
+    prompts = [  # different lengths, so the sessions' caches differ in length at every step
+        torch.randint(0, 256, (1, 3 + i), generator=torch.Generator().manual_seed(i)) for i in range(SESSIONS)
+    ]
+    with torch.no_grad():
+        alone = [model.generate(p, max_new_tokens=NEW_TOKENS, do_sample=False) for p in prompts]
+    for p, out in zip(prompts, alone, strict=True):  # and alone equals local transformers
+        assert torch.equal(out, local_model.generate(p, max_new_tokens=NEW_TOKENS, do_sample=False))
+    before = batched_steps(model)
+
+    together: list[torch.Tensor | None] = [None] * SESSIONS
+    barrier = threading.Barrier(SESSIONS)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        with torch.no_grad():
+            together[i] = model.generate(prompts[i], max_new_tokens=NEW_TOKENS, do_sample=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(SESSIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for i in range(SESSIONS):
+        assert together[i] is not None and torch.equal(together[i], alone[i]), i
+    assert batched_steps(model) > before  # the steps really were merged on the server

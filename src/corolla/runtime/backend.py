@@ -196,7 +196,12 @@ class SpanBackend:
         return using_adapter(self.span, name)
 
     def crop(self, cache: DynamicCache, length: int) -> None:
-        cache.crop(length)
+        """Roll ``cache`` back to its first ``length`` positions (a replayed step). transformers 5's
+        ``crop`` takes a negative count of tokens to remove, per layer."""
+        for layer in cache.layers:
+            excess = layer.get_seq_length() - length
+            if excess > 0:
+                layer.crop(-excess)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -66,8 +66,11 @@ class SpanModel(nn.Module):
         self.layers = layers
         self.rotary_emb = rotary_emb
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.cache_config)
+    def new_cache(self, max_length: int | None = None) -> DynamicCache:
+        """A cache for this span; with ``max_length`` its full-attention layers are allocated once."""
+        from corolla.runtime.session_cache import session_cache
+
+        return session_cache(self.cache_config, max_length)
 
     def forward(
         self,

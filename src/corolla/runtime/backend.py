@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from corolla.errors import BadRequest
 from corolla.models.span import SpanModel
 from corolla.runtime.adapters import using_adapter
 from corolla.runtime.quantize import quantized_bytes
@@ -62,8 +63,9 @@ class SpanBackend:
     def end(self) -> int:
         return self.span.end
 
-    def new_cache(self) -> DynamicCache:
-        return self.span.new_cache()
+    def new_cache(self, max_length: int | None = None) -> DynamicCache:
+        """A session's cache, allocated once for ``max_length`` positions when given."""
+        return self.span.new_cache(max_length)
 
     async def run(
         self,
@@ -201,7 +203,13 @@ class SpanBackend:
         for layer in cache.layers:
             excess = layer.get_seq_length() - length
             if excess > 0:
-                layer.crop(-excess)
+                try:
+                    layer.crop(-excess)
+                except RuntimeError:  # a sliding-window layer that already dropped those positions
+                    raise BadRequest(
+                        f"this model's sliding-window cache cannot roll back to position {length}; "
+                        "open a new session"
+                    ) from None
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -66,3 +66,30 @@ def test_concurrent_decode_steps_are_merged_and_exact(tiny_llama_dir: Path, conf
     for a, t in zip(alone, together, strict=True):
         torch.testing.assert_close(t, a, atol=1e-5, rtol=0)
     b.shutdown()
+
+
+def test_a_preallocated_session_cache_gives_the_growing_caches_results(
+    tiny_llama_dir: Path, config: PretrainedConfig
+) -> None:
+    from corolla.runtime.session_cache import PreallocatedLayer
+
+    b = backend(tiny_llama_dir, config)
+    h = torch.randn(1, 12, config.hidden_size, generator=torch.Generator().manual_seed(2))
+
+    async def scenario() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        growing, fixed = b.new_cache(), b.new_cache(max_length=16)
+        assert all(isinstance(layer, PreallocatedLayer) for layer in fixed.layers)
+        pairs = [(await b.run(h[:, :6], 0, NUM_BLOCKS, growing), await b.run(h[:, :6], 0, NUM_BLOCKS, fixed))]
+        for i in range(6, 10):
+            step = h[:, i : i + 1]
+            pairs.append((await b.run(step, 0, NUM_BLOCKS, growing), await b.run(step, 0, NUM_BLOCKS, fixed)))
+        b.crop(growing, 7)
+        b.crop(fixed, 7)
+        tail = h[:, 10:12]
+        pairs.append((await b.run(tail, 0, NUM_BLOCKS, growing), await b.run(tail, 0, NUM_BLOCKS, fixed)))
+        assert fixed.get_seq_length() == 9
+        return pairs
+
+    for growing_out, fixed_out in asyncio.run(scenario()):
+        assert torch.equal(growing_out, fixed_out)
+    b.shutdown()

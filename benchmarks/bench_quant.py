@@ -108,10 +108,12 @@ def agreement(
     return identical, hits / total
 
 
-def measure(variants: list[str], max_new_tokens: int, log_dir: Path | None) -> list[Agreement]:
+def measure(
+    variants: list[str], max_new_tokens: int, log_dir: Path | None, questions: tuple[str, ...] = PROMPTS
+) -> list[Agreement]:
     path = resolve_model(BUILTIN_MODEL, default_cache_dir()).path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    prompts = [encode_prompt(tokenizer, p, True) for p in PROMPTS]
+    prompts = [encode_prompt(tokenizer, p, True) for p in questions]
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     expected = reference(local, prompts, max_new_tokens)
     del local
@@ -140,16 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["bf16", "int8", "nf4"], choices=list(VARIANTS))
     parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the fixed prompts")
     parser.add_argument("--log_dir", type=Path, default=None, help="keep the servers' logs here")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
-    results = measure(args.variants, args.max_new_tokens, args.log_dir)
+    results = measure(args.variants, args.max_new_tokens, args.log_dir, PROMPTS[: args.prompts])
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
         return 0
     print(
         f"built-in model, 2 servers (0:15, 15:30), "
-        f"{len(PROMPTS)} prompts x {args.max_new_tokens} greedy tokens"
+        f"{args.prompts} prompts x {args.max_new_tokens} greedy tokens"
     )
     print(f"{'variant':8} {'MiB/block':>10} {'vs fp32':>8} {'identical':>10} {'top-1':>7}")
     for r in results:

@@ -2,10 +2,10 @@
 
 Runs ``benchmarks/bench_quant.py``, which serves the built-in model with two servers per
 variant and compares them with local float32 transformers (weights per block from the servers'
-``info`` replies; greedy agreement over 8 fixed prompts x 16 tokens). The bounds are loose on
-purpose: they catch a broken path (wrong bytes, garbage tokens), not small quality shifts.
-Measured here: bf16 2.00x fewer bytes, 8/8 identical, 97.7 % top-1; int8 3.97x, 90.6 %;
-nf4 7.70x, 72.7 %."""
+``info`` replies; greedy agreement over the first 4 of its fixed prompts x 16 tokens, to keep
+the suite short). The bounds are loose on purpose: they catch a broken path (wrong bytes,
+garbage tokens), not small quality shifts. The full benchmark (8 prompts) measured here:
+bf16 2.00x fewer bytes, 8/8 identical, 97.7 % top-1; int8 3.97x, 90.6 %; nf4 7.70x, 72.7 %."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_quant.py"
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
     log_dir = str(tmp_path_factory.mktemp("quant-logs"))
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--variants", "bf16", "int8", "nf4", "--json", "--log_dir", log_dir],
+        [sys.executable, str(BENCH), "--variants", "bf16", "int8", "nf4", "--prompts", "4", "--json",
+         "--log_dir", log_dir],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -36,7 +37,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, flo
 
 def test_float32_swarm_is_the_reference(figures: dict[str, dict[str, float]]) -> None:
     fp32 = figures["fp32"]
-    assert fp32["identical"] == fp32["prompts"] == 8
+    assert fp32["identical"] == fp32["prompts"] == 4
     assert fp32["top1"] == 1.0
 
 
@@ -45,7 +46,7 @@ def test_bfloat16_halves_the_weights_and_keeps_nearly_all_tokens(
 ) -> None:
     bf16 = figures["bf16"]
     assert bf16["bytes_vs_fp32"] == pytest.approx(2.0, rel=0.01)
-    assert bf16["identical"] >= 6
+    assert bf16["identical"] >= 3
     assert bf16["top1"] >= 0.9
 
 

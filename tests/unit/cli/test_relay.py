@@ -188,14 +188,16 @@ def test_unreachable_target_resets_the_dialer() -> None:
     async def test() -> None:
         with socket.socket() as closed:  # bound, not listening: refused, and no one else can take it
             closed.bind(("127.0.0.1", 0))
-            with DelayRelay("127.0.0.1", closed.getsockname()[1], delay_s=0.0) as relay:
-                # the reset may arrive while connecting (a busy machine) or on the first read
-                with pytest.raises(ConnectionResetError):
-                    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-                    try:
-                        await reader.read(10)
-                    finally:
-                        writer.close()
+            # the reset may arrive while connecting (a busy machine) or on the first read
+            with (
+                DelayRelay("127.0.0.1", closed.getsockname()[1], delay_s=0.0) as relay,
+                pytest.raises(ConnectionResetError),
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                try:
+                    await reader.read(10)
+                finally:
+                    writer.close()
 
     run(test)
 

@@ -68,6 +68,13 @@ class NetworkConfig:
         default=None,
         metadata=_help("file with a persistent peer identity (created if missing), keeps the peer id"),
     )
+    swarm_key: str | None = field(
+        default=None,
+        metadata=_help(
+            "file with the swarm's shared secret: only peers holding it take part (make one with "
+            "'corolla keygen FILE') (default: an open swarm)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.initial_peers and self.new_swarm:
@@ -122,9 +129,22 @@ class LimitsConfig:
     step_timeout: float = field(
         default=300.0, metadata=_help("seconds a session may wait for its next step; positive")
     )
+    max_alloc_timeout: float = field(
+        default=0.0,
+        metadata=_help(
+            "seconds a new session waits for attention-cache room when the budget is full, then fails "
+            "(0: fail at once); live sessions are never evicted"
+        ),
+    )
+    max_sessions_per_peer: int = field(
+        default=16,
+        metadata=_help("most inference sessions one client peer may have on this server; positive"),
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self)
+        if not 0 <= self.max_alloc_timeout < float("inf"):
+            raise ConfigError(f"--max_alloc_timeout must be >= 0 seconds, got {self.max_alloc_timeout}")
 
 
 @dataclass(frozen=True)
@@ -207,6 +227,13 @@ class ServerConfig:
             "(:: when the server listens on IPv6 only) (default: off)"
         ),
     )
+    allowed_peers: str | None = field(
+        default=None,
+        metadata=_help(
+            "file of the peer ids this server answers, one per line (# comments); others get "
+            "Unauthorized; pushes from other servers are exempt (default: everyone)"
+        ),
+    )
     network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -275,3 +302,10 @@ class ClientConfig:
     max_retries: int = 5  # failed servers per request/step before giving up
     use_push: bool = True  # servers send their outputs straight to the next server of the chain
     ban_timeout: float = 15.0  # first ban of a failed server; doubles on each new failure (max 300 s)
+    swarm_key: str | None = None  # file with a closed swarm's shared secret (corolla.swarm.auth)
+    identity_path: str | None = None  # file with this client's peer identity (for servers' --allowed_peers)
+    # Verified outputs (client/verify.py): the share of steps (and forward passes) re-run on another
+    # server holding the same blocks and compared; a server outside the majority is banned.
+    verify_fraction: float = 0.0
+    verify_tolerance: float | None = None  # relative error per token; None: by dtype (DEFAULT_TOLERANCES)
+    verify_seed: int | None = None  # seeds the choice of steps and verifiers (None: random)

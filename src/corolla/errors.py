@@ -61,6 +61,10 @@ class ServerUnavailable(CorollaError):
     """A server did not answer in time or closed the connection."""
 
 
+class Unauthorized(CorollaError):
+    """A server refused the caller: no proof of the swarm key, or not in its --allowed_peers."""
+
+
 def format_ranges(indices: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     runs: list[list[int]] = []

@@ -151,3 +151,17 @@ def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == str(tmp_path / "corolla")
     assert ServerConfig().cache_dir == str(tmp_path / "corolla")
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan")])
+def test_max_alloc_timeout_must_be_a_finite_number_of_seconds(value: float) -> None:
+    with pytest.raises(ConfigError, match=r"^--max_alloc_timeout must be >= 0 seconds"):
+        LimitsConfig(max_alloc_timeout=value)
+
+
+def test_session_limits_default_to_failing_at_once_and_16_sessions_per_peer() -> None:
+    limits = LimitsConfig()
+    assert (limits.max_alloc_timeout, limits.max_sessions_per_peer) == (0.0, 16)
+    assert LimitsConfig(max_alloc_timeout=0).max_alloc_timeout == 0
+    with pytest.raises(ConfigError, match=r"^--max_sessions_per_peer must be positive, got 0$"):
+        LimitsConfig(max_sessions_per_peer=0)

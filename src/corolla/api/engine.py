@@ -172,9 +172,11 @@ class Engine:
     @classmethod
     def load(
         cls, model_id: str, *, initial_peers: Sequence[str], dht_prefix: str | None = None,
-        cache_dir: str | None = None, max_wait_for_blocks: float = 5.0,
+        cache_dir: str | None = None, max_wait_for_blocks: float = 5.0, swarm_key: str | None = None,
+        identity_path: str | None = None,
     ) -> Engine:  # fmt: skip
-        """Resolve the model, load its tokenizer and the client half of the model, join the swarm."""
+        """Resolve the model, load its tokenizer and the client half of the model, join the swarm
+        (a closed one with ``swarm_key``, the key file; ``identity_path`` keeps the client's peer id)."""
         from transformers import AutoTokenizer
 
         from corolla.client.model import AutoDistributedModelForCausalLM
@@ -183,7 +185,10 @@ class Engine:
 
         resolved = resolve_model(model_id, cache_dir or default_cache_dir())
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        client = ClientConfig(initial_peers=tuple(initial_peers), max_wait_for_blocks=max_wait_for_blocks)
+        client = ClientConfig(
+            initial_peers=tuple(initial_peers), max_wait_for_blocks=max_wait_for_blocks,
+            swarm_key=swarm_key, identity_path=identity_path,
+        )  # fmt: skip
         model = AutoDistributedModelForCausalLM.from_pretrained(
             model_id, dht_prefix=dht_prefix, cache_dir=cache_dir, client_config=client
         )

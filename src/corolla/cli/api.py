@@ -100,6 +100,8 @@ def serve(args: argparse.Namespace, sock: socket.socket) -> None:
         dht_prefix=args.dht_prefix,
         cache_dir=args.cache_dir,
         max_wait_for_blocks=args.max_wait_for_blocks,
+        swarm_key=args.swarm_key,
+        identity_path=args.identity_path,
     )
     try:
         metrics = ApiMetrics()

@@ -59,6 +59,7 @@ SERVER_GROUPS = (
     FlagGroup("network", NetworkConfig),
     FlagGroup("limits", LimitsConfig),
     FlagGroup("monitoring", ServerConfig, ("metrics_port",)),
+    FlagGroup("access", ServerConfig, ("allowed_peers",)),
 )
 NETWORK_GROUPS = (FlagGroup("network", NetworkConfig),)
 
@@ -190,6 +191,19 @@ def client_parser(prog: str, description: str | None, *, swarm: bool = True) -> 
         p.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
         p.add_argument(
             "--dht_prefix", default=None, help="the model's name in the DHT (default: from the model)"
+        )
+        p.add_argument(
+            "--swarm_key",
+            default=None,
+            metavar="FILE",
+            help="the key file of a closed swarm (as its servers' --swarm_key); none: an open swarm",
+        )
+        p.add_argument(
+            "--identity_path",
+            default=None,
+            metavar="FILE",
+            help="file with a persistent peer identity (created if missing): keeps this client's peer id "
+            "for servers' --allowed_peers; none: a new peer id each run",
         )
     p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     return p

@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> None:
     path = resolve_model(args.model, args.cache_dir).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, cache_dir=args.cache_dir
-    )
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, cache_dir=args.cache_dir,
+        swarm_key=args.swarm_key, identity_path=args.identity_path,
+    )  # fmt: skip
     input_ids = encode_prompt(tokenizer, args.prompt, not args.no_chat_template)
     sampling = (
         {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}

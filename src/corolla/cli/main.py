@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("corolla.cli.demo", "start a private two-server swarm and chat through it"),
     "swarm": ("corolla.cli.swarm_view", "show a swarm's servers and which blocks they cover"),
     "api": ("corolla.cli.api", "serve an OpenAI-compatible API and a web page for the swarm"),
+    "keygen": ("corolla.cli.keygen", "write a swarm key (closed swarms) or a peer identity file"),
 }
 
 

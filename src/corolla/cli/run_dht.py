@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CorollaError as error:
         return report_error(PROG, error)
     try:
-        _print_join_line(visible_maddrs(dht))
+        _print_join_line(visible_maddrs(dht), network.swarm_key)
         stop.wait()
     finally:
         logger.info("shutting down the DHT peer")
@@ -61,11 +61,12 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _print_join_line(maddrs: list[str]) -> None:
+def _print_join_line(maddrs: list[str], swarm_key: str | None = None) -> None:
     for maddr in maddrs:
         print(f"multiaddr: {maddr}", flush=True)
+    key = f" --swarm_key {swarm_key}" if swarm_key else ""  # a closed swarm: everyone needs the key
     if maddrs:
-        print(f"To join this swarm: corolla serve --initial_peers {maddrs[0]}", flush=True)
+        print(f"To join this swarm: corolla serve --initial_peers {maddrs[0]}{key}", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,13 +89,15 @@ def _layers_from_json(path: Path) -> int | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    network = NetworkConfig(initial_peers=tuple(args.initial_peers))
+    network = NetworkConfig(
+        initial_peers=tuple(args.initial_peers), swarm_key=args.swarm_key, identity_path=args.identity_path
+    )
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
     dht_prefix, num_blocks = swarm_layout(args.model, args.dht_prefix, args.num_blocks, args.cache_dir)
 
     from corolla.swarm.dht import start_dht  # imports hivemind: after the cheap checks
-    from corolla.swarm.registry import fetch_block_records
+    from corolla.swarm.registry import fetch_block_records, foreign_records_hint
     from corolla.swarm.view import build_view, render_text, to_json
 
     dht = start_dht(network, client_mode=True)
@@ -105,6 +107,9 @@ def run(args: argparse.Namespace) -> None:
         dht.shutdown()
     view = build_view(records, dht_prefix, num_blocks)
     print(json.dumps(to_json(view)) if args.json else render_text(view))
+    hint = foreign_records_hint(records, keyed=args.swarm_key is not None)
+    if hint and not view.servers:  # an empty view may be a closed swarm seen without its key
+        print(f"{PROG}: note: {hint}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

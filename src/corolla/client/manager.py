@@ -15,10 +15,12 @@ from hivemind.p2p import P2P, PeerID
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, latency_route, throughput_route
 from corolla.client.transport import EventLoopThread, measure_rtt
+from corolla.client.verify import VerificationReport
 from corolla.config import ClientConfig, NetworkConfig
 from corolla.errors import MissingBlocks, ServerUnavailable
-from corolla.swarm.dht import start_dht
-from corolla.swarm.registry import fetch_block_records
+from corolla.swarm.auth import bind_swarm_key, load_swarm_key
+from corolla.swarm.dht import add_record_validators, start_dht
+from corolla.swarm.registry import fetch_block_records, foreign_records_hint
 from corolla.swarm.spans import ServerSpan, missing_blocks, spans_from_records
 
 logger = logging.getLogger(__name__)
@@ -41,10 +43,20 @@ class SequenceManager:
         self.config, self.dht_prefix, self.num_blocks = config, dht_prefix, num_blocks
         self.adapter = adapter  # route only to servers that announce this LoRA adapter
         self._own_dht = dht is None
-        self.dht = dht or start_dht(NetworkConfig(initial_peers=config.initial_peers), client_mode=True)
+        self.swarm_key = load_swarm_key(config.swarm_key)  # closed swarms: None for an open one
+        self._foreign_hint: str | None = None  # why the swarm may look empty (another swarm's records)
+        if dht is not None:
+            add_record_validators(dht, self.swarm_key)
+        network = NetworkConfig(
+            initial_peers=config.initial_peers, swarm_key=config.swarm_key, identity_path=config.identity_path
+        )
+        self.dht = dht or start_dht(network, client_mode=True)
         self.loop = EventLoopThread.get()
         self.p2p: P2P = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        bind_swarm_key(self.p2p, self.swarm_key)  # our RPCs carry proofs of the swarm key
         self.bans = BanList(config.ban_timeout)
+        # forward passes' verification (inference sessions keep their own): checks, liars excluded
+        self.verification = VerificationReport(config.verify_fraction, config.verify_seed)
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._spans: list[ServerSpan] = []
         self._updated = 0.0
@@ -64,6 +76,7 @@ class SequenceManager:
     def spans(self, *, refresh: bool = False) -> list[ServerSpan]:
         if refresh or time.monotonic() - self._updated > self.config.update_period:
             records = fetch_block_records(self.dht, self.dht_prefix, self.num_blocks)
+            self._foreign_hint = foreign_records_hint(records, keyed=self.swarm_key is not None)
             self._spans = spans_from_records(records)
             self._updated = time.monotonic()
         return self._spans
@@ -105,12 +118,14 @@ class SequenceManager:
         return throughput_route(spans, start, end, banned=banned)
 
     def route(
-        self, start: int = 0, end: int | None = None, *, cause: str | None = None, mode: str = "latency"
+        self, start: int = 0, end: int | None = None, *, cause: str | None = None, mode: str = "latency",
+        exclude: frozenset[str] = frozenset(),
     ) -> list[Hop]:
         """A chain of ONLINE, unbanned servers for blocks ``start..end-1``: with the least expected
         latency per step (``mode="latency"``, for inference) or the most throughput (``"throughput"``,
         for long forward passes). Waits a bounded time for missing blocks, then raises
-        ``MissingBlocks`` (with ``cause``: what failed before)."""
+        ``MissingBlocks`` (with ``cause``: what failed before). ``exclude``: peers never to use
+        (those that failed verification)."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.config.max_wait_for_blocks
         refresh = cause is not None  # a failure: the view may be stale
@@ -118,7 +133,7 @@ class SequenceManager:
             spans = self.spans(refresh=refresh)
             if self.adapter is not None:
                 spans = [s for s in spans if self.adapter in s.info.adapters]
-            banned = self.bans.banned()
+            banned = self.bans.banned() | exclude
             route = self._make_route(spans, start, end, banned, mode)
             if route is not None:
                 logger.debug("route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
@@ -128,6 +143,7 @@ class SequenceManager:
                 missing = [i for i in missing_blocks(usable, self.num_blocks) if start <= i < end]
                 if self.adapter is not None and cause is None:
                     cause = f"no server of these blocks announces the adapter {self.adapter!r}"
+                cause = cause or self._foreign_hint
                 raise MissingBlocks(missing, waited=self.config.max_wait_for_blocks, cause=cause)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True

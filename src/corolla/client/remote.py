@@ -169,9 +169,13 @@ def build(
     tuning_mode: str | None = None,
     pre_seq_len: int = 0,
     active_adapter: str | None = None,
+    swarm_key: str | None = None,
+    identity_path: str | None = None,
     **config_overrides: Any,
 ) -> M:
-    """Resolve the model, connect to its swarm and build ``class_for(family)``'s model."""
+    """Resolve the model, connect to its swarm and build ``class_for(family)``'s model. ``swarm_key``:
+    the key file of a closed swarm; ``identity_path``: a file keeping this client's peer id (servers'
+    ``--allowed_peers`` list peer ids); both override ``client_config``'s."""
     tuning = Tuning(tuning_mode, pre_seq_len, active_adapter)
     resolved = resolve_model(model_name_or_path, cache_dir or default_cache_dir())
     config = AutoConfig.from_pretrained(resolved.path, **config_overrides)
@@ -180,6 +184,10 @@ def build(
     client_config = client_config or ClientConfig()
     if initial_peers:
         client_config = replace(client_config, initial_peers=tuple(initial_peers))
+    if swarm_key is not None:
+        client_config = replace(client_config, swarm_key=str(swarm_key))
+    if identity_path is not None:
+        client_config = replace(client_config, identity_path=str(identity_path))
     manager = SequenceManager(
         client_config, prefix, config.num_hidden_layers, dht=dht, adapter=active_adapter
     )

@@ -1,6 +1,11 @@
 """Whole-sequence passes through a chain of servers (no cache), with re-routing: forward, and
 backward for training (``remote_sequential`` is differentiable with respect to its inputs and
-deep prompts; the servers' weights stay frozen)."""
+deep prompts; the servers' weights stay frozen).
+
+With ``ClientConfig.verify_fraction`` > 0 a random share of forward passes is verified: each hop is
+re-run on another server holding its blocks and compared (``client/verify.py``); when the hop's
+server is outvoted, the majority's output is used and the server is excluded from this client's
+later passes (``manager.verification`` is the record). Backward passes are not verified."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from corolla.client.manager import SequenceManager
 from corolla.client.routing import Hop
 from corolla.client.transport import RETRIABLE, call_backward, call_forward
+from corolla.client.verify import Opinion, decide, verifier_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +60,81 @@ def forward_span(
     another route. Returns the output and what each hop was given (for a backward pass)."""
     position, failures, cause = start, 0, None
     record: Record = []
+    verify = manager.verification.sample()
     while position < end:
-        hop = manager.route(position, end, cause=cause, mode="throughput")[0]
+        distrusted = frozenset(manager.verification.banned)
+        hop = manager.route(position, end, cause=cause, mode="throughput", exclude=distrusted)[0]
         try:
-            out = manager.loop.run(
-                call_forward(
-                    manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(hidden, hop),
-                    prompts=_prompts_for(prompts, hop), adapter=adapter,
-                ),  # fmt: skip
-                timeout=manager.config.request_timeout,
-            )
+            out = _forward(manager, hop, hidden, prompts, adapter)
         except RETRIABLE as e:
             failures += 1
             cause = manager.failed(hop, e, failures)
             continue
         manager.bans.forgive(hop.peer_id)
+        if verify:
+            hop, out = _verified(manager, hop, hidden, out, prompts, adapter)
         record.append((hop, hidden))
         hidden, position = out, hop.end
     return hidden, record
+
+
+def _forward(manager: SequenceManager, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None,
+             adapter: str | None) -> torch.Tensor:  # fmt: skip
+    return manager.loop.run(
+        call_forward(
+            manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(hidden, hop),
+            prompts=_prompts_for(prompts, hop), adapter=adapter,
+        ),  # fmt: skip
+        timeout=manager.config.request_timeout,
+    )
+
+
+def _verified(
+    manager: SequenceManager,
+    hop: Hop,
+    hidden: torch.Tensor,
+    out: torch.Tensor,
+    prompts: torch.Tensor | None,
+    adapter: str | None,
+) -> tuple[Hop, torch.Tensor]:
+    """Re-run ``hop`` on other servers holding its blocks until a majority agrees
+    (``verify.decide``); returns a hop of the majority and its output (the given ones unless the
+    hop's server was outvoted). Outvoted servers are banned; no majority: ``VerificationError``."""
+    report, tolerance = manager.verification, manager.config.verify_tolerance
+    hops = {hop.peer_id: hop}
+    failed: set[str] = set()
+
+    def ask(heard: frozenset[str]) -> Opinion | None:
+        while True:
+            exclude = heard | failed | manager.bans.banned() | frozenset(report.banned)
+            spans = verifier_candidates(manager.spans(), hop.start, hop.end, exclude=exclude,
+                                        adapter=manager.adapter)  # fmt: skip
+            if not spans:
+                return None
+            span = report.choose(spans)
+            other = Hop(span.peer_id, hop.start, hop.end, span.info.torch_dtype)
+            try:
+                result = _forward(manager, other, hidden, prompts, adapter)
+            except RETRIABLE as e:
+                logger.info("verifier ...%s failed (%s); asking another server", other.peer_id[-8:], e)
+                manager.bans.ban(other.peer_id)
+                failed.add(other.peer_id)
+                continue
+            report.add_extra(hidden.shape[1])
+            hops[other.peer_id] = other
+            return Opinion(other.peer_id, result, other.dtype)
+
+    verdict, opinions = decide([Opinion(hop.peer_id, out, hop.dtype)], ask, tolerance)
+    if len(opinions) == 1:
+        report.add_unverifiable()
+        return hop, out
+    losers = report.record(verdict, opinions, step=report.steps, start=hop.start, end=hop.end,
+                           tolerance=tolerance)  # fmt: skip
+    for peer in losers:
+        manager.bans.ban(peer)
+    assert verdict.majority is not None
+    winner = opinions[verdict.majority[0]]
+    return hops[winner.peer_id], winner.output
 
 
 def backward_span(

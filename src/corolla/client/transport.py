@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from pydantic import ValidationError
 
 from corolla import errors
 from corolla.errors import RemoteError, ServerUnavailable
@@ -37,6 +38,7 @@ from corolla.protocol.messages import (
     ServerInfoRequest,
     encode,
 )
+from corolla.swarm.auth import sign_request
 
 T = TypeVar("T")
 
@@ -138,6 +140,7 @@ async def _call_span(
     async def one_request() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         yield request
 
+    sign_request(request, p2p, peer_id, rpc)  # in a closed swarm: prove the swarm key
     try:
         responses = await p2p.iterate_protobuf_handler(
             peer_id, rpc, one_request(), runtime_pb2.ExpertResponse
@@ -156,25 +159,29 @@ async def _call_span(
 async def call_info(p2p: P2P, peer_id: PeerID) -> ServerInfoReply:
     """A server's live status (span, limits, free cache, weight bytes)."""
     request = runtime_pb2.ExpertRequest(metadata=encode(ServerInfoRequest()))
+    sign_request(request, p2p, peer_id, RPC_INFO)
     try:
         response = await p2p.call_protobuf_handler(peer_id, RPC_INFO, request, runtime_pb2.ExpertResponse)
     except Exception as e:
         raise ServerUnavailable(
             f"server ...{peer_id.to_base58()[-8:]} failed: {type(e).__name__}: {e}"
         ) from e
-    return ServerInfoReply.model_validate_json(response.metadata)
+    try:
+        return ServerInfoReply.model_validate_json(response.metadata)
+    except ValidationError:
+        _results(response, peer_id.to_base58(), 0)  # a refusal (Unauthorized, ...): raised typed here
+        raise
 
 
 async def measure_rtt(p2p: P2P, peer_id: PeerID, *, pings: int = 2, timeout: float = 2.0) -> float:
     """The best of a few ``ping`` round trips to a server, in seconds (``inf`` if it does not answer)."""
     best = float("inf")
+    request = sign_request(runtime_pb2.ExpertRequest(), p2p, peer_id, RPC_PING)
     for _ in range(pings):
         started = time.perf_counter()
         try:
             await asyncio.wait_for(
-                p2p.call_protobuf_handler(
-                    peer_id, RPC_PING, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
-                ),
+                p2p.call_protobuf_handler(peer_id, RPC_PING, request, runtime_pb2.ExpertResponse),
                 timeout,
             )
         except Exception:
@@ -224,7 +231,10 @@ class InferenceStream:
                 self._responses = await self.p2p.iterate_protobuf_handler(
                     self.peer_id, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
                 )
-            self._outbox.put_nowait(_request(meta, hidden, prompts))
+            request = _request(meta, hidden, prompts)
+            if first:  # the stream's first message carries the proof (closed swarms)
+                sign_request(request, self.p2p, self.peer_id, RPC_INFERENCE)
+            self._outbox.put_nowait(request)
             response = await self._receive(timeout)
         except StopAsyncIteration:
             raise ServerUnavailable(f"server ...{self.peer[-8:]} closed the session") from None

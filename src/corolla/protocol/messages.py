@@ -1,5 +1,6 @@
 """Typed RPC metadata. Tensors travel in hivemind's ``ExpertRequest``/``ExpertResponse``
-protobufs; everything else is one of these models, JSON-encoded into ``metadata``."""
+protobufs; everything else is one of these models, JSON-encoded into ``metadata``. In a closed
+swarm a request's ``uid`` field carries the caller's proof of the swarm key (``corolla.swarm.auth``)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.protocol.messages import RPC_PING
+from corolla.swarm.auth import sign_request
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ async def measure_bandwidth(p2p: P2P, peers: list[str], *, timeout: float = 10.0
 
 
 async def _ping(p2p: P2P, peer_id: PeerID, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
+    sign_request(request, p2p, peer_id, RPC_PING)  # in a closed swarm: prove the swarm key
     await asyncio.wait_for(
         p2p.call_protobuf_handler(peer_id, RPC_PING, request, runtime_pb2.ExpertResponse), timeout
     )

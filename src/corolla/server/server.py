@@ -35,7 +35,9 @@ from corolla.server.placement import Span, rebalance_target, settle_span, swarm_
 from corolla.server.plan import ServerPlan
 from corolla.server.sessions import SessionTable
 from corolla.server.sizing import decide_num_blocks, decide_throughput
+from corolla.swarm.auth import AccessPolicy, bind_swarm_key, describe, load_allowed_peers, load_swarm_key
 from corolla.swarm.dht import start_dht, visible_maddrs
+from corolla.swarm.identity import ServerIdentity
 from corolla.swarm.registry import announce
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,11 @@ SHUTDOWN_STEP = 1.5  # the most one shutdown step may take (the whole shutdown s
 
 def run_server(config: ServerConfig, plan: ServerPlan) -> None:
     """Run until SIGINT/SIGTERM (or, with ``--throughput dry_run``, until measured)."""
-    asyncio.run(Server(config, plan).serve())
+    server = Server(config, plan)
+    try:
+        asyncio.run(server.serve())
+    finally:
+        server.identity.discard()  # a temporary identity file, if joining never read it
 
 
 class Server:
@@ -56,11 +62,18 @@ class Server:
         self.model_blocks: int = plan.model_config.num_hidden_layers
         self.metrics = ServerMetrics()
         self.metrics.watch(self._metrics_state)
+        # read before anything starts: a bad key, peer list or identity file is refused at once
+        self.access = AccessPolicy(
+            swarm_key=load_swarm_key(config.network.swarm_key),
+            allowed_peers=load_allowed_peers(config.allowed_peers),
+        )
+        self.identity = ServerIdentity.load_or_create(config.network.identity_path)  # signs our records
         self.handler = Handler(
             config.limits,
             dht_prefix=self.dht_prefix,
             hidden_size=plan.model_config.hidden_size,
             metrics=self.metrics,
+            access=self.access,
         )
         self.throughput = 0.0
         self.span: Span | None = None
@@ -85,6 +98,7 @@ class Server:
         self.me = dht.peer_id.to_base58()
         try:
             p2p = await dht.replicate_p2p()
+            bind_swarm_key(p2p, self.access.swarm_key)  # our calls (pushes, pings) carry proofs
             await self.handler.register(p2p)  # early: peers measuring bandwidth get answers
             length = self._span_length()
             self.throughput = await self._throughput(dht, p2p, length)
@@ -117,7 +131,9 @@ class Server:
                 "no --initial_peers given: starting a new private swarm "
                 "(there is no public swarm to join; others join this one with its address)"
             )
-        dht = start_dht(network, num_workers=max(4, self.model_blocks))
+        for line in describe(self.access, self.config.allowed_peers):
+            logger.info("%s", line)
+        dht = start_dht(network, num_workers=max(4, self.model_blocks), identity=self.identity)
         logger.info("DHT peer id %s", dht.peer_id.to_base58())
         return dht
 
@@ -204,6 +220,8 @@ class Server:
             blocks, self.plan.model_name, self.dht_prefix, elapsed,
         )  # fmt: skip
         peers = " ".join(maddrs[:1])
+        if self.config.network.swarm_key:  # a closed swarm: everyone needs the key
+            peers += f" --swarm_key {self.config.network.swarm_key}"
         model = "" if self.config.model == ServerConfig.model else f" {self.config.model}"
         print(
             f"Join this swarm: corolla serve{model} --initial_peers {peers}   |   "
@@ -253,7 +271,10 @@ class Server:
 
     def _announce(self, dht: DHT, state: ServerState, span: Span, *, timeout: float | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
-        announce(dht, self.dht_prefix, self._record(state, span), self.config.record_expiration, **kwargs)
+        announce(
+            dht, self.dht_prefix, self._record(state, span), self.config.record_expiration,
+            identity=self.identity, **kwargs,
+        )  # fmt: skip
         logger.info("announced blocks %d:%d as %s", *span, state.name)
 
     async def _reannounce(self, dht: DHT) -> None:
@@ -263,7 +284,10 @@ class Server:
                 continue  # moving: the move announces for itself
             try:
                 record = self._record(ServerState.ONLINE, self.span)
-                await asyncio.to_thread(announce, dht, self.dht_prefix, record, self.config.record_expiration)
+                await asyncio.to_thread(
+                    announce, dht, self.dht_prefix, record, self.config.record_expiration,
+                    identity=self.identity,
+                )  # fmt: skip
             except Exception as e:  # the DHT may be briefly unreachable; try again next period
                 logger.warning("re-announcement failed: %s", e)
 

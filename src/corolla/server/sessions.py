@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import DynamicCache
 
-from corolla.errors import BadRequest
+from corolla.errors import AllocationFailed, BadRequest
 from corolla.runtime.kv_cache import CacheBudget, Reservation
+
+MAX_PENDING_PUSHES = 4  # pushed steps a session holds before it runs them (normally at most one)
 
 
 @dataclass
@@ -30,7 +33,10 @@ class Session:
     push_to: Any = None  # PushTarget: where to push this session's outputs
     adapter: str | None = None  # the LoRA adapter this session computes with
     last_step_id: int = -1  # steps with an id not above this one were already run
-    pushed: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs pushed by the previous server
+    pushed: asyncio.Queue = field(  # inputs pushed by the previous server
+        default_factory=lambda: asyncio.Queue(MAX_PENDING_PUSHES)
+    )
+    peer: str | None = None  # the client peer that opened it (--max_sessions_per_peer)
 
     def check_step(self, position: int, batch_size: int, new_tokens: int) -> None:
         """Raise ``BadRequest`` for a step that does not fit this session."""
@@ -50,21 +56,95 @@ class Session:
 
 
 class SessionTable:
-    """All live sessions of one server, and the budget they share."""
+    """All live sessions of one server, and the budget they share.
+
+    ``open`` fails at once when the budget is full, ``open_waiting`` waits up to ``alloc_timeout``
+    seconds (``--max_alloc_timeout``) for other sessions to close. With ``peer`` and ``max_per_peer``
+    a client peer has at most that many sessions here, those still waiting for room included."""
 
     def __init__(self, budget: CacheBudget) -> None:
         self.budget = budget
         self._sessions: dict[int, Session] = {}
         self._by_key: dict[str, Session] = {}
+        self._per_peer: Counter[str] = Counter()
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def sessions_of(self, peer: str) -> int:
+        """Sessions of ``peer`` open or waiting for room."""
+        return self._per_peer[peer]
+
     def open(
-        self, *, start: int, end: int, max_length: int, batch_size: int, cache: DynamicCache, timeout: float
+        self,
+        *,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        cache: DynamicCache,
+        timeout: float,
+        peer: str | None = None,
+        max_per_peer: int | None = None,
     ) -> Session:
-        reservation = self.budget.reserve(max_length * batch_size * (end - start))
+        self._claim(peer, max_per_peer)
+        try:
+            reservation = self.budget.reserve(max_length * batch_size * (end - start))
+        except BaseException:
+            self._unclaim(peer)
+            raise
+        return self._add(start, end, max_length, batch_size, cache, reservation, timeout, peer)
+
+    async def open_waiting(
+        self,
+        *,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        cache: DynamicCache,
+        timeout: float,
+        alloc_timeout: float,
+        peer: str | None = None,
+        max_per_peer: int | None = None,
+    ) -> Session:
+        self._claim(peer, max_per_peer)
+        token_blocks = max_length * batch_size * (end - start)
+        try:
+            reservation = await self.budget.reserve_waiting(token_blocks, alloc_timeout)
+        except BaseException:  # refused, or the stream went away while waiting
+            self._unclaim(peer)
+            raise
+        return self._add(start, end, max_length, batch_size, cache, reservation, timeout, peer)
+
+    def _claim(self, peer: str | None, max_per_peer: int | None) -> None:
+        if peer is None:
+            return
+        if max_per_peer is not None and self._per_peer[peer] >= max_per_peer:
+            raise AllocationFailed(
+                f"peer ...{peer[-8:]} already has {self._per_peer[peer]} sessions on this server, the most "
+                f"its --max_sessions_per_peer {max_per_peer} allows; close one or use another server"
+            )
+        self._per_peer[peer] += 1
+
+    def _unclaim(self, peer: str | None) -> None:
+        if peer is not None:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
+
+    def _add(
+        self,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        cache: DynamicCache,
+        reservation: Reservation,
+        timeout: float,
+        peer: str | None,
+    ) -> Session:
         session = Session(
             next(self._ids),
             start,
@@ -74,6 +154,7 @@ class SessionTable:
             cache,
             reservation,
             deadline=time.monotonic() + timeout,
+            peer=peer,
         )
         self._sessions[session.id] = session
         return session
@@ -87,8 +168,10 @@ class SessionTable:
         return self._by_key.get(key)
 
     def close(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
-        if session.key is not None:
-            self._by_key.pop(session.key, None)
+        """Release the session's budget and cache; closing twice is harmless."""
+        if self._sessions.pop(session.id, None) is not None:
+            self._unclaim(session.peer)
+        if session.key is not None and self._by_key.get(session.key) is session:
+            del self._by_key[session.key]
         self.budget.release(session.reservation)
         session.cache = None  # type: ignore[assignment]  # free the tensors now

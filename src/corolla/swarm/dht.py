@@ -1,19 +1,86 @@
-"""Starting a DHT peer from a ``NetworkConfig``."""
+"""Starting a DHT peer from a ``NetworkConfig``.
+
+Every corolla DHT peer validates records the same way (``record_validators``): the swarm key's tag
+(``corolla.swarm.auth``, open swarms included: they refuse a closed swarm's records), hivemind's
+RSA record signatures (``corolla.swarm.identity``; a server's peer signs with its identity), and,
+innermost, that a value can be decoded at all."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from hivemind import DHT
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer
 
 from corolla.config import NetworkConfig
 from corolla.errors import SwarmUnavailable
+from corolla.swarm.auth import SwarmKey, SwarmKeyValidator, load_swarm_key
+from corolla.swarm.identity import ServerIdentity, verifying_validator
 
 logger = logging.getLogger(__name__)
 
 
-def start_dht(network: NetworkConfig, *, client_mode: bool = False, num_workers: int = 4) -> DHT:
-    """Start (or join) a swarm; ``SwarmUnavailable`` with a one-line reason when that fails."""
+class DecodableValidator(RecordValidatorBase):
+    """Refuses a value that does not decode (msgpack) once the other validators stripped their parts.
+
+    hivemind decodes found values in a callback whose failure is never reported: the lookup would
+    hang until our timeout, so one malformed record (anyone may store one in an open swarm) would
+    make the whole swarm unreadable. Refused here, it is ignored like any invalid record."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            MSGPackSerializer.loads(record.value)
+        except Exception:
+            return False
+        return True
+
+    @property
+    def priority(self) -> int:
+        return -100  # innermost: validated last, on the stripped value
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, DecodableValidator)
+
+
+def record_validators(
+    swarm_key: SwarmKey | None, identity: ServerIdentity | None = None
+) -> list[RecordValidatorBase]:
+    """The validators of a corolla DHT peer: decodable values, record signatures (signing with
+    ``identity``'s key, if given), all inside the swarm key's tag."""
+    signatures = identity.validator() if identity is not None else verifying_validator()
+    return [DecodableValidator(), signatures, SwarmKeyValidator(swarm_key)]
+
+
+def add_record_validators(dht: DHT, swarm_key: SwarmKey | None) -> None:
+    """Give a DHT started elsewhere (``SequenceManager(dht=...)``) corolla's validators; validators it
+    has already are merged, not doubled."""
+    dht.add_validators(record_validators(swarm_key))
+
+
+def start_dht(
+    network: NetworkConfig,
+    *,
+    client_mode: bool = False,
+    num_workers: int = 4,
+    identity: ServerIdentity | None = None,
+) -> DHT:
+    """Start (or join) a swarm; ``SwarmUnavailable`` with a one-line reason when that fails, and
+    ``ConfigError`` for an unusable ``--swarm_key``. With ``identity`` (a server), the peer runs under
+    that RSA identity and signs its records with it."""
+    swarm_key = load_swarm_key(network.swarm_key)
+    extra: dict[str, Any] = {}
+    identity_path = network.identity_path
+    if identity is not None:
+        identity_path = identity.path
+        if identity.temporary:
+            extra["check_if_identity_free"] = False  # fresh: nobody else can hold it
+    if swarm_key is not None:
+        logger.info(
+            "closed swarm: only peers holding the swarm key take part (key fingerprint %s)",
+            swarm_key.fingerprint,
+        )
     try:
         return DHT(
             initial_peers=list(network.initial_peers),
@@ -22,10 +89,12 @@ def start_dht(network: NetworkConfig, *, client_mode: bool = False, num_workers:
             shutdown_timeout=1.0,
             host_maddrs=network.listen_maddrs(),
             announce_maddrs=network.public_maddrs() or None,
-            identity_path=network.identity_path,
+            identity_path=identity_path,
             client_mode=client_mode,
             use_relay=False,
             use_auto_relay=False,
+            record_validators=record_validators(swarm_key, identity),
+            **extra,
         )
     except Exception as e:  # hivemind raises P2PDaemonError, ValueError for bad multiaddrs, ...
         reason = " ".join(str(e).split()) or type(e).__name__
@@ -35,6 +104,9 @@ def start_dht(network: NetworkConfig, *, client_mode: bool = False, num_workers:
             else "check --host_maddrs/--port and --identity_path"
         )
         raise SwarmUnavailable(f"could not start the DHT peer: {reason}; {hint}") from None
+    finally:
+        if identity is not None:
+            identity.discard()  # a temporary identity file: the daemon has read it (or failed)
 
 
 def visible_maddrs(dht: DHT) -> list[str]:

@@ -62,3 +62,64 @@ def test_garbage_raises_bad_request(message: runtime_pb2.Tensor) -> None:
 def test_non_protobuf_input_raises_bad_request() -> None:
     with pytest.raises(BadRequest, match="cannot decode tensor"):
         unpack(b"not a protobuf")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (runtime_pb2.Tensor(buffer=b"", size=[2**32 - 1] * 3, dtype="float32"), "shape: .* more than"),
+        (runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[2**31, 2], dtype="float32"), "shape: .* more than"),
+        (
+            runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[1] * 9 + [2], dtype="float32"),
+            "shape: .* not a valid",
+        ),
+        (runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[2], dtype="object"), "dtype: 'object' is not one of"),
+        (runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[2], dtype=">f4"), "dtype: '>f4'"),
+        (
+            runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[3], dtype="float32"),
+            r"buffer: .* needs 12 bytes, got 8",
+        ),
+        (
+            runtime_pb2.Tensor(
+                buffer=b"\x00" * 64, size=[8], dtype="float32", compression=runtime_pb2.BLOCKWISE_8BIT
+            ),
+            "compression: only uncompressed",
+        ),
+        (
+            runtime_pb2.Tensor(
+                buffer=b"\x00" * 64, size=[8], dtype="float32", compression=runtime_pb2.FLOAT16
+            ),
+            "compression: only uncompressed",
+        ),
+    ],
+    ids=[
+        "huge",
+        "huge-2d",
+        "too-many-dims",
+        "object-dtype",
+        "big-endian",
+        "short-buffer",
+        "blockwise",
+        "float16",
+    ],
+)
+def test_declared_shape_dtype_and_compression_are_checked_before_decoding(
+    message: runtime_pb2.Tensor, why: str
+) -> None:
+    with pytest.raises(BadRequest, match=rf"^cannot decode tensor: {why}") as info:
+        unpack(message)
+    assert "\n" not in str(info.value)
+
+
+def test_a_tensor_sent_with_requires_grad_arrives_without_it() -> None:
+    message = pack(torch.ones(2, 3))
+    message.requires_grad = True
+    restored = unpack(message)
+    assert not restored.requires_grad and torch.equal(restored, torch.ones(2, 3))
+    assert message.requires_grad  # the peer's message is left as it was
+
+
+def test_legacy_bfloat16_sent_as_float32_still_decodes() -> None:
+    tensor = torch.linspace(-1, 1, 6, dtype=torch.bfloat16).reshape(2, 3)
+    legacy = runtime_pb2.Tensor(buffer=tensor.float().numpy().tobytes(), size=[2, 3], dtype="bfloat16")
+    assert torch.equal(unpack(legacy), tensor)

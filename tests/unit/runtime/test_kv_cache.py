@@ -121,3 +121,47 @@ def test_cache_bytes_match_a_real_cache() -> None:
         layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
     )
     assert actual == tokens * cache_bytes_per_token_block(config, torch.float16)
+
+
+def test_reserve_waiting_is_woken_by_a_release_from_another_thread() -> None:
+    import asyncio
+    import time
+
+    async def main() -> None:
+        budget = CacheBudget(100)
+        held = budget.reserve(80)
+        threading.Timer(0.2, budget.release, args=(held,)).start()
+        t0 = time.monotonic()
+        reservation = await budget.reserve_waiting(50, timeout=5.0)
+        assert 0.15 <= time.monotonic() - t0 < 2.0
+        assert (reservation.token_blocks, budget.used, budget.waiting) == (50, 50, 0)
+
+    asyncio.run(main())
+
+
+def test_reserve_waiting_with_zero_timeout_fails_at_once_as_reserve_does() -> None:
+    import asyncio
+
+    budget = CacheBudget(100)
+    budget.reserve(100)
+    with pytest.raises(AllocationFailed, match=r"\(0 of 100 free\); ask for a shorter max_length"):
+        asyncio.run(budget.reserve_waiting(1, timeout=0))
+
+
+def test_waiters_that_fit_are_served_and_the_rest_keep_waiting() -> None:
+    import asyncio
+
+    async def main() -> None:
+        budget = CacheBudget(100)
+        held = budget.reserve(100)
+        small = asyncio.ensure_future(budget.reserve_waiting(30, timeout=5.0))
+        big = asyncio.ensure_future(budget.reserve_waiting(90, timeout=0.5))
+        await asyncio.sleep(0.05)
+        assert budget.waiting == 2
+        budget.release(held)
+        assert (await small).token_blocks == 30
+        with pytest.raises(AllocationFailed, match="after waiting 0.5 s"):
+            await big  # 70 free: woken, retried, kept waiting, then refused
+        assert (budget.used, budget.waiting) == (30, 0)
+
+    asyncio.run(main())

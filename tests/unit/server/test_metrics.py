@@ -222,7 +222,7 @@ class FakeBackend:
         await asyncio.sleep(self.delay)
         return hidden + 1
 
-    def new_cache(self) -> DynamicCache:
+    def new_cache(self, max_length: int | None = None) -> DynamicCache:
         return DynamicCache()
 
     def crop(self, cache: object, position: int) -> None:

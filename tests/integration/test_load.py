@@ -180,12 +180,12 @@ def test_a_full_server_makes_new_sessions_wait_then_refuses_and_limits_sessions_
         t0 = time.monotonic()
         with pytest.raises(AllocationFailed, match=r"after waiting 1\.5 s, its --max_alloc_timeout"):
             open_stream(mine, 40)
-        assert 1.4 <= time.monotonic() - t0 < 4.0
+        assert 1.4 <= time.monotonic() - t0 < 10.0  # upper bound loose: a busy CI machine
 
         threading.Timer(0.5, lambda: loop.run(first.close(), timeout=10)).start()
         t0 = time.monotonic()
         second = open_stream(mine, 40)  # waits until the first one closes
-        assert 0.4 <= time.monotonic() - t0 < 1.5
+        assert 0.4 <= time.monotonic() - t0 < 6.0  # woken by the close, long before its 40 s
 
         open_stream(mine, 8)  # this peer's second session
         with pytest.raises(AllocationFailed, match=r"the most its --max_sessions_per_peer 2 allows"):

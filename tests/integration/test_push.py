@@ -47,7 +47,8 @@ def test_push_on_and_off_give_identical_tokens(
             with_push = models[True].generate(ids, max_new_tokens=24, do_sample=False)
         assert torch.equal(without, expected) and torch.equal(with_push, expected)
         # every decode step after the first pass reached servers 2 and 3 by push
-        assert all(pushes(models[True], i) >= 22 for i in (1, 2))
+        counts = [pushes(models[True], i) for i in (1, 2)]
+        assert all(n >= 22 for n in counts), counts
     finally:
         for model in models.values():
             model.manager.shutdown()

@@ -277,7 +277,8 @@ class Handler:
             hidden = self._hidden(codec.unpack(request.tensors[0]), max_tokens=self.limits.max_batch_size)
             session.check_step(meta.position, hidden.shape[0], hidden.shape[1])
             if meta.step_id <= session.last_step_id:
-                return Response()  # the client's own copy came first: nothing to do
+                self.pushes_received += 1  # delivered, though the client's own copy came first
+                return Response()
             if session.last_step_id < 1 or meta.step_id != session.last_step_id + 1:
                 raise BadRequest(
                     f"pushed step {meta.step_id} is not the next step of session {meta.session_id!r} "

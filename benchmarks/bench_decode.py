@@ -479,7 +479,7 @@ def format_row(phase: dict[str, Any], ratio: dict[str, Any] | None, *, baseline:
     if ratio is not None:
         decode_ratio, ttft_ratio = f"{ratio['decode_vs_local']:.2f}", f"{ratio['ttft_vs_local']:.2f}"
         if ratio["decode_target"] is not None:
-            target = f">={ratio['decode_target']:.1f} {'ok' if ratio['decode_target_met'] else 'MISS'}"
+            target = f">={ratio['decode_target']:.2f} {'ok' if ratio['decode_target_met'] else 'MISS'}"
     rates = [r["decode_tokens_per_s"] for r in phase["runs"]]
     spread = f"({min(rates):.1f}-{max(rates):.1f})"
     others = "" if phase["others_cpu_share"] is None else f"{phase['others_cpu_share']:.0%}"

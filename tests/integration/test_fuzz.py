@@ -549,6 +549,17 @@ def fuzz_raw_streams(target: Target, examples: int) -> None:
 # --- the test -------------------------------------------------------------------------------------
 
 
+def wait_until_idle(target: Any, idle_cache_tokens: int, when: str, seconds: float = 15.0) -> None:
+    """Poll the server until it holds no session and all its cache is free again."""
+    deadline = time.monotonic() + seconds
+    while True:
+        info = target.run(call_info(target.p2p, target.peer))
+        if (info.active_sessions, info.cache_tokens_left) == (0, idle_cache_tokens):
+            return
+        assert time.monotonic() < deadline, f"not back to idle {when}: {info}"
+        time.sleep(0.2)
+
+
 def test_malformed_requests_never_take_the_server_down(
     fuzz_server: LocalServer, fuzz_client, local_model, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -567,13 +578,7 @@ def test_malformed_requests_never_take_the_server_down(
     assert "more than the" in fuzz_server.log_path.read_text()
     for stream in target.hanging:  # dropped by the server after --step_timeout 2 s
         target.run(stream.close())
-    deadline = time.monotonic() + 15
-    while True:
-        info = target.run(call_info(target.p2p, target.peer))
-        if (info.active_sessions, info.cache_tokens_left) == (0, idle.cache_tokens_left):
-            break
-        assert time.monotonic() < deadline, f"not back to idle: {info}"
-        time.sleep(0.2)
+    wait_until_idle(target, idle.cache_tokens_left, "after the fuzzing")
     assert fuzz_server.process.poll() is None
 
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(11))
@@ -581,13 +586,7 @@ def test_malformed_requests_never_take_the_server_down(
         expected = local_model.generate(ids, max_new_tokens=16, do_sample=False)
         got = fuzz_client.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, expected)
-    deadline = time.monotonic() + 15  # the generation's session closes as its stream ends
-    while True:
-        info = target.run(call_info(target.p2p, target.peer))
-        if (info.active_sessions, info.cache_tokens_left) == (0, idle.cache_tokens_left):
-            break
-        assert time.monotonic() < deadline, f"not back to idle after the generation: {info}"
-        time.sleep(0.2)
+    wait_until_idle(target, idle.cache_tokens_left, "after the generation")  # its stream closes late
 
     log = fuzz_server.log_path.read_text()
     assert "Handler failed with the exception" not in log  # no handler let an exception escape

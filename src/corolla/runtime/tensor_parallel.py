@@ -27,7 +27,7 @@ Independent of the rest of corolla except :class:`corolla.errors.ConfigError`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -150,8 +150,8 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-class ShardedAttention(nn.Module):
-    """Attention heads split over devices; returns ``(sum of the shards' outputs, None)``."""
+class _Sharded(nn.Module):
+    """Shards of one module, shard ``i`` on ``devices[i]``; their outputs are summed on ``devices[0]``."""
 
     def __init__(self, shards: Sequence[nn.Module], devices: Sequence[torch.device]) -> None:
         super().__init__()
@@ -160,37 +160,37 @@ class ShardedAttention(nn.Module):
         self.shards = nn.ModuleList(shards)
         self.devices = [torch.device(d) for d in devices]
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def _sum(self, outputs: Iterator[torch.Tensor]) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for shard, device in zip(self.shards, self.devices, strict=True):
-            out = shard(
+        for out in outputs:
+            out = out.to(self.devices[0])
+            total = out if total is None else total + out
+        assert total is not None
+        return total
+
+
+class ShardedAttention(_Sharded):
+    """Attention heads split over devices; returns ``(sum of the shards' outputs, None)``."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        outputs = (
+            shard(
                 _to_device(hidden_states, device),
                 *_to_device(args, device),
                 **{k: _to_device(v, device) for k, v in kwargs.items()},
             )[0]
-            out = out.to(self.devices[0])
-            total = out if total is None else total + out
-        assert total is not None
-        return total, None
+            for shard, device in zip(self.shards, self.devices, strict=True)
+        )
+        return self._sum(outputs), None
 
 
-class ShardedMLP(nn.Module):
+class ShardedMLP(_Sharded):
     """MLP columns split over devices; returns the sum of the shards' outputs on ``devices[0]``."""
 
-    def __init__(self, shards: Sequence[nn.Module], devices: Sequence[torch.device]) -> None:
-        super().__init__()
-        if len(shards) != len(devices):
-            raise ValueError(f"{len(shards)} shards for {len(devices)} devices")
-        self.shards = nn.ModuleList(shards)
-        self.devices = [torch.device(d) for d in devices]
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for shard, device in zip(self.shards, self.devices, strict=True):
-            out = shard(hidden_states.to(device)).to(self.devices[0])
-            total = out if total is None else total + out
-        assert total is not None
-        return total
+        return self._sum(
+            shard(hidden_states.to(device)) for shard, device in zip(self.shards, self.devices, strict=True)
+        )
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear:

@@ -121,6 +121,7 @@ class ServerInfoReply(Message):
     tensor_parallel_devices: list[str] = []
     adapters: list[str] = []
     batched_steps: int = 0  # decode steps that ran merged with other sessions' steps
+    decode_passes: int = 0  # passes over the weights for decode steps (merged or alone)
     max_batch_size: int
     inference_max_length: int
     cache_tokens_left: int

@@ -2,14 +2,16 @@
 
 Decode steps (one new position of one sequence, with a cache) of concurrent sessions are merged:
 while the compute thread is busy, newly arriving steps queue up, and the next pass runs all of
-them at once over the weights (``SpanModel.decode_batch``). A lone session takes the plain path,
-so it pays nothing for this."""
+them at once over the weights (``SpanModel.decode_batch``). Before a pass it may wait briefly for
+sessions that are about to step (``runtime.batching``), so that concurrent sessions keep stepping
+in one pass. A lone session takes the plain path and never waits, so it pays nothing for this."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ from transformers import DynamicCache
 from corolla.errors import BadRequest
 from corolla.models.span import SpanModel
 from corolla.runtime.adapters import using_adapter
+from corolla.runtime.batching import DecodeRhythms
 from corolla.runtime.quantize import quantized_bytes
 
 MAX_DECODE_BATCH = 32  # decode steps merged into one pass at most
@@ -53,7 +56,10 @@ class SpanBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self._decode_queue: list[_DecodeStep] = []
         self._draining = False
+        self._arrival = asyncio.Event()  # set whenever a decode step is queued
+        self.rhythms = DecodeRhythms()
         self.batched_steps = 0  # decode steps that ran merged with others (for tests and metrics)
+        self.decode_passes = 0  # passes over the weights for decode steps, merged or alone
 
     @property
     def start(self) -> int:
@@ -85,6 +91,8 @@ class SpanBackend:
             assert cache is not None
             step = _DecodeStep(hidden, start, end, cache, adapter, loop.create_future())
             self._decode_queue.append(step)
+            self.rhythms.arrived(cache, time.monotonic())
+            self._arrival.set()
             if not self._draining:
                 self._draining = True
                 asyncio.ensure_future(self._drain_decode_queue())
@@ -104,8 +112,15 @@ class SpanBackend:
     async def _drain_decode_queue(self) -> None:
         """Run queued decode steps, merging those of the same blocks and adapter, until none is left."""
         loop = asyncio.get_running_loop()
+        free_since = time.monotonic()
         try:
             while self._decode_queue:
+                delay = self.rhythms.delay(time.monotonic(), free_since)
+                if delay > 0 and len(self._decode_queue) < MAX_DECODE_BATCH:
+                    self._arrival.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._arrival.wait(), delay)
+                    continue
                 taken = self._decode_queue[:MAX_DECODE_BATCH]
                 del self._decode_queue[:MAX_DECODE_BATCH]
                 groups: dict[tuple[int, int, str | None], list[_DecodeStep]] = {}
@@ -119,23 +134,33 @@ class SpanBackend:
                             if not step.done.done():
                                 step.done.set_exception(e)
                         continue
+                    now = time.monotonic()
                     for step, out in zip(group, outs, strict=True):
+                        self.rhythms.delivered(step.cache, now)
                         if not step.done.done():
                             step.done.set_result(out)
+                free_since = time.monotonic()
         finally:
             self._draining = False
 
     def _decode_sync(self, group: list[_DecodeStep]) -> list[torch.Tensor]:
         first = group[0]
-        if len(group) == 1:
-            return [self._run_sync(first.hidden, first.start, first.end, first.cache, None, first.adapter)]
-        self.batched_steps += len(group)
-        with torch.inference_mode(), self._adapter(first.adapter):
-            hiddens = [s.hidden.to(device=self.device, dtype=self.dtype) for s in group]
-            outs = self.span.decode_batch(
-                hiddens, [s.cache for s in group], first=first.start - self.start, last=first.end - self.start
-            )
-            return [out.to(device="cpu") for out in outs]
+        self.decode_passes += 1
+        started = time.monotonic()
+        try:
+            if len(group) == 1:
+                alone = self._run_sync(first.hidden, first.start, first.end, first.cache, None, first.adapter)
+                return [alone]
+            self.batched_steps += len(group)
+            with torch.inference_mode(), self._adapter(first.adapter):
+                hiddens = [s.hidden.to(device=self.device, dtype=self.dtype) for s in group]
+                caches = [s.cache for s in group]
+                outs = self.span.decode_batch(
+                    hiddens, caches, first=first.start - self.start, last=first.end - self.start
+                )
+                return [out.to(device="cpu") for out in outs]
+        finally:
+            self.rhythms.passed(time.monotonic() - started)
 
     async def backward(
         self,

@@ -163,6 +163,7 @@ class Handler:
             tensor_parallel_devices=[str(d) for d in backend.tp_devices],
             adapters=list(backend.adapters),
             batched_steps=backend.batched_steps,
+            decode_passes=backend.decode_passes,
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=sessions.budget.left,

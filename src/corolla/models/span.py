@@ -18,6 +18,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from corolla.models.families import Family, family_for
@@ -65,6 +66,7 @@ class SpanModel(nn.Module):
         self.cache_config = self.config  # tensor parallelism gives each shard its own cache slots
         self.layers = layers
         self.rotary_emb = rotary_emb
+        self.attention_kinds = frozenset(attention_kind(self.config, i) for i in range(len(layers)))
 
     def new_cache(self, max_length: int | None = None) -> DynamicCache:
         """A cache for this span; with ``max_length`` its full-attention layers are allocated once."""
@@ -98,9 +100,8 @@ class SpanModel(nn.Module):
     def can_batch_decode(self) -> bool:
         """Whether ``decode_batch`` can merge sessions: the Llama layout with full attention only and
         one cache slot per layer (no tensor parallelism)."""
-        kinds = {attention_kind(self.config, i) for i in range(len(self.layers))}
         one_slot = self.cache_config is self.config
-        return self.family.style == "rope" and kinds == {"full_attention"} and one_slot
+        return self.family.style == "rope" and self.attention_kinds == {"full_attention"} and one_slot
 
     def decode_batch(
         self, hiddens: list[torch.Tensor], caches: list[DynamicCache], *, first: int, last: int
@@ -114,9 +115,9 @@ class SpanModel(nn.Module):
         x = torch.cat(hiddens, dim=0)
         merged = DynamicCache(config=self.cache_config)
         for index in range(first, last):
-            keys = [cache.layers[index].keys for cache in caches]
-            values = [cache.layers[index].values for cache in caches]
-            merged.update(_right_pad(keys, longest), _right_pad(values, longest), index)
+            keys = _right_pad([cache.layers[index].keys for cache in caches], longest + 1)
+            values = _right_pad([cache.layers[index].values for cache in caches], longest + 1)
+            merged.layers[index] = _StackedLayer(keys, values)
         position_ids = torch.tensor(lengths, device=x.device).unsqueeze(1)
         visible = torch.arange(longest + 1, device=x.device).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         visible[:, longest] = True  # each row's own new position
@@ -161,10 +162,28 @@ class SpanModel(nn.Module):
 def _right_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
     """[1, heads, n_i, dim] tensors -> [batch, heads, length, dim], zeros after each one's n_i."""
     first = tensors[0]
-    out = first.new_zeros((len(tensors), first.shape[1], length, first.shape[3]))
+    out = first.new_empty((len(tensors), first.shape[1], length, first.shape[3]))
     for row, tensor in enumerate(tensors):
         out[row, :, : tensor.shape[2]] = tensor[0]
+        out[row, :, tensor.shape[2] :] = 0  # masked, but garbage there could still be NaN
     return out
+
+
+class _StackedLayer(DynamicLayer):
+    """One layer's keys and values of several sessions, right-padded into one buffer with a last
+    column left for the new position, which ``update`` fills in place (no concatenation)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[:, :, -1:] = key_states
+        self.values[:, :, -1:] = value_states
+        return self.keys, self.values
 
 
 def _layer_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:

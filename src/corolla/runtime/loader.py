@@ -19,6 +19,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 from corolla.errors import ModelNotFound
 from corolla.models.families import Family, family_for
 from corolla.models.span import SpanModel, build_model_on_meta, span_from_model
+from corolla.runtime.cpu_kernels import use_onednn_linears
 from corolla.runtime.quantize import quantize_module
 from corolla.runtime.tensor_parallel import ShardedAttention, ShardedMLP, shard_layers, tp_cache_config
 
@@ -167,7 +168,8 @@ def place_span(
 ) -> SpanModel:
     """Move a span's float blocks to where they run: sharded over ``tp_devices`` (each shard's
     projections on its device, the rest on the first) or on ``device``; then their linear layers
-    quantised to ``quant_type`` with bitsandbytes. Returns the span, frozen in eval mode."""
+    quantised to ``quant_type`` with bitsandbytes (float32 ones on CPU run oneDNN kernels,
+    ``runtime.cpu_kernels``). Returns the span, frozen in eval mode."""
     if tp_devices:
         shard_layers(span.layers, span.config, tp_devices)
         span.cache_config = tp_cache_config(span.config, len(tp_devices))
@@ -179,6 +181,8 @@ def place_span(
     else:
         quantize_module(span.layers, quant_type, device)
         span.layers.to(device)
+        if device.type == "cpu":
+            use_onednn_linears(span.layers)  # float32 ones only; quantised layers stay bitsandbytes'
     if span.rotary_emb is not None:
         span.rotary_emb.to(device)
     return span.eval().requires_grad_(False)

@@ -47,7 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.generation.streamers import BaseStreamer
 
 from corolla.cli.generate import encode_prompt
-from corolla.cli.local_swarm import LocalServer, start_swarm
+from corolla.cli.local_swarm import LocalServer, shared_cores_args, start_swarm
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.models.resolve import resolve_model
@@ -287,8 +287,10 @@ def measure_local(
 def start_servers(
     splits: Sequence[tuple[int, int]], args: argparse.Namespace, log_dir: Path
 ) -> list[LocalServer]:
-    """One server per span, each joining the first; stops those already started on failure."""
+    """One server per span, each joining the first, the machine's cores split between them (as
+    ``corolla demo`` does); stops those already started on failure."""
     extra = ["--cache_dir", args.cache_dir, "--device", "cpu", "--torch_dtype", "float32"]
+    extra += shared_cores_args(len(splits))
     servers: list[LocalServer] = []
     try:
         for start, end in tqdm(splits, desc="starting servers", unit="server", file=sys.stderr):

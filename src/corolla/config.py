@@ -179,6 +179,13 @@ class ServerConfig:
             "auto: nf4 on CUDA, none elsewhere"
         ),
     )
+    num_threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "CPU threads this server computes with (default: torch's, one per core); positive. "
+            "Servers sharing one machine run faster with the cores split between them"
+        ),
+    )
     tensor_parallel_devices: tuple[str, ...] = field(
         default=(),
         metadata=_help(

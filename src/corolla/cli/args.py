@@ -54,7 +54,11 @@ SERVER_GROUPS = (
         ServerConfig,
         ("num_blocks", "block_indices", "mean_balance_check_period", "balance_quality"),
     ),
-    FlagGroup("hardware", ServerConfig, ("device", "torch_dtype", "quant_type", "tensor_parallel_devices")),
+    FlagGroup(
+        "hardware",
+        ServerConfig,
+        ("device", "torch_dtype", "quant_type", "num_threads", "tensor_parallel_devices"),
+    ),
     FlagGroup("announcement", ServerConfig, ("public_name", "throughput", "update_period", "expiration")),
     FlagGroup("network", NetworkConfig),
     FlagGroup("limits", LimitsConfig),

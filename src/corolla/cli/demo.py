@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
-    from corolla.cli.local_swarm import start_swarm, stop_all
+    from corolla.cli.local_swarm import shared_cores_args, start_swarm, stop_all
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.resolve import resolve_model
 
@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"Starting two servers: blocks 0:{half} and {half}:{num_blocks} ...", flush=True)
     t0 = time.monotonic()
     servers = start_swarm(
-        BUILTIN_MODEL, [(0, half), (half, num_blocks)], extra_args=["--cache_dir", args.cache_dir]
+        BUILTIN_MODEL,
+        [(0, half), (half, num_blocks)],
+        extra_args=["--cache_dir", args.cache_dir, *shared_cores_args(2)],
     )
     try:
         print(f"Swarm ready in {time.monotonic() - t0:.1f} s; logs: {servers[0].log_path.parent}", flush=True)

@@ -220,9 +220,9 @@ def _cpu_model() -> str:
 
 
 def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The cores this process computes on: those it may use, at most its torch threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, torch.get_num_threads())
 
 
 # --- the cache -----------------------------------------------------------------------------------

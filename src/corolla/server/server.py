@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+import torch
 from hivemind import DHT
 from hivemind.p2p import P2P
 
@@ -48,6 +49,9 @@ SHUTDOWN_STEP = 1.5  # the most one shutdown step may take (the whole shutdown s
 
 def run_server(config: ServerConfig, plan: ServerPlan) -> None:
     """Run until SIGINT/SIGTERM (or, with ``--throughput dry_run``, until measured)."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+        logger.info("computing with %d CPU threads (--num_threads)", config.num_threads)
     server = Server(config, plan)
     try:
         asyncio.run(server.serve())

@@ -115,9 +115,8 @@ class SpanModel(nn.Module):
         x = torch.cat(hiddens, dim=0)
         merged = DynamicCache(config=self.cache_config)
         for index in range(first, last):
-            keys = _right_pad([cache.layers[index].keys for cache in caches], longest + 1)
-            values = _right_pad([cache.layers[index].values for cache in caches], longest + 1)
-            merged.layers[index] = _StackedLayer(keys, values)
+            stacked = _stacked([cache.layers[index] for cache in caches], longest + 1)
+            merged.layers[index] = _StackedLayer(*stacked)
         position_ids = torch.tensor(lengths, device=x.device).unsqueeze(1)
         visible = torch.arange(longest + 1, device=x.device).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
         visible[:, longest] = True  # each row's own new position
@@ -157,6 +156,19 @@ class SpanModel(nn.Module):
             position_ids=position_ids,
             **kw,
         )
+
+
+def _stacked(layers: list[Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several sessions' keys and values of one layer as [sessions, heads, length, dim] each:
+    one concatenation of their preallocated buffers when they all have ``length`` positions of
+    room (``PreallocatedLayer.window``; what lies past a session's own length is masked), else
+    copied row by row and right-padded with zeros."""
+    windows = [layer.window(length) if hasattr(layer, "window") else None for layer in layers]
+    if all(w is not None for w in windows):
+        keys, values = zip(*windows, strict=True)  # type: ignore[misc]
+        return torch.cat(keys), torch.cat(values)
+    keys = _right_pad([layer.keys for layer in layers], length)
+    return keys, _right_pad([layer.values for layer in layers], length)
 
 
 def _right_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -58,6 +58,14 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def window(self, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the first ``length`` positions of the buffers, also those past the cache's own
+        length (zeros, or keys of positions rolled back: finite values, for the caller to mask); None
+        if the buffers are shorter (for merging sessions' caches in one pass without padding them)."""
+        if self._keys is None or self._values is None or length > self._keys.shape[-2]:
+            return None
+        return self._keys[:, :, :length], self._values[:, :, :length]
+
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` positions (transformers' convention: negative)."""
         if tokens_to_remove > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import PretrainedConfig
 
@@ -41,7 +42,14 @@ def test_crop_rolls_a_cache_back_to_a_position(tiny_llama_dir: Path, config: Pre
     b.shutdown()
 
 
-def test_concurrent_decode_steps_are_merged_and_exact(tiny_llama_dir: Path, config: PretrainedConfig) -> None:
+@pytest.mark.parametrize(
+    "max_lengths",
+    [(None,) * 4, (16,) * 4, (16, None, 9, 16)],
+    ids=["growing caches", "preallocated caches", "mixed"],
+)
+def test_concurrent_decode_steps_are_merged_and_exact(
+    tiny_llama_dir: Path, config: PretrainedConfig, max_lengths: tuple[int | None, ...]
+) -> None:
     b = backend(tiny_llama_dir, config)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randn(1, n, config.hidden_size, generator=g) for n in (2, 5, 3, 7)]
@@ -53,9 +61,12 @@ def test_concurrent_decode_steps_are_merged_and_exact(tiny_llama_dir: Path, conf
             cache = b.new_cache()
             await b.run(p, 0, NUM_BLOCKS, cache)
             alone.append(await b.run(s, 0, NUM_BLOCKS, cache))
-        caches = [b.new_cache() for _ in prompts]
+        caches = [b.new_cache(n) for n in max_lengths]
         for p, cache in zip(prompts, caches, strict=True):
             await b.run(p, 0, NUM_BLOCKS, cache)
+        # positions rolled back leave keys behind in a preallocated buffer: merging must mask them
+        await b.run(torch.full((1, 3, config.hidden_size), 30.0), 0, NUM_BLOCKS, caches[0])
+        b.crop(caches[0], prompts[0].shape[1])
         runs = (b.run(s, 0, NUM_BLOCKS, c) for s, c in zip(steps, caches, strict=True))
         together = await asyncio.gather(*runs)
         assert [c.get_seq_length() for c in caches] == [p.shape[1] + 1 for p in prompts]

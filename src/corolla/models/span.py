@@ -18,10 +18,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from corolla.models.families import Family, family_for
+from corolla.models.merged_cache import MergedCaches
 
 MASK_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "full_attention": create_causal_mask,
@@ -67,6 +67,7 @@ class SpanModel(nn.Module):
         self.layers = layers
         self.rotary_emb = rotary_emb
         self.attention_kinds = frozenset(attention_kind(self.config, i) for i in range(len(layers)))
+        self._merged: MergedCaches | None = None  # decode_batch's merge, kept for the same sessions
 
     def new_cache(self, max_length: int | None = None) -> DynamicCache:
         """A cache for this span; with ``max_length`` its full-attention layers are allocated once."""
@@ -107,37 +108,28 @@ class SpanModel(nn.Module):
         self, hiddens: list[torch.Tensor], caches: list[DynamicCache], *, first: int, last: int
     ) -> list[torch.Tensor]:
         """One decode step (one new position each) of several sessions in one pass over the
-        weights. Each session keeps its own cache and positions: their keys and values are stacked,
-        right-padded to the longest, and a per-row mask hides the padding, so every row computes
-        what it would alone (up to float rounding of batched kernels). Each cache grows by one."""
-        lengths = [cache.get_seq_length(first) for cache in caches]
-        longest = max(lengths)
+        weights. Each session keeps its own cache and positions: their keys and values are merged
+        (``MergedCaches``, kept for the next pass of the same sessions) and a per-row mask shows each
+        row only its own, so every row computes what it would alone (up to float rounding of batched
+        kernels). Each cache grows by one."""
+        merged = self._merged
+        if merged is None or not merged.fits(caches, first, last):
+            merged = self._merged = MergedCaches(caches, first, last, self.cache_config)
         x = torch.cat(hiddens, dim=0)
-        merged = DynamicCache(config=self.cache_config)
-        for index in range(first, last):
-            stacked = _stacked([cache.layers[index] for cache in caches], longest + 1)
-            merged.layers[index] = _StackedLayer(*stacked)
-        position_ids = torch.tensor(lengths, device=x.device).unsqueeze(1)
-        visible = torch.arange(longest + 1, device=x.device).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-        visible[:, longest] = True  # each row's own new position
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(~visible, torch.finfo(x.dtype).min)[:, None, None, :]
+        cache, mask = merged.step_cache(x.dtype)
+        position_ids = torch.tensor(merged.lengths, device=x.device).unsqueeze(1)
         position_embeddings = self.rotary_emb(x, position_ids=position_ids)
         for layer in self.layers[first:last]:
             out = layer(
                 x,
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=merged,
+                cache=cache,
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
             x = _layer_output(out)
-        for row, cache in enumerate(caches):
-            for index in range(first, last):
-                new_key = merged.layers[index].keys[row : row + 1, :, longest:]
-                new_value = merged.layers[index].values[row : row + 1, :, longest:]
-                cache.update(new_key, new_value, index)
+        merged.commit(caches)
         return list(x.split(1, dim=0))
 
     def _mask(
@@ -156,46 +148,6 @@ class SpanModel(nn.Module):
             position_ids=position_ids,
             **kw,
         )
-
-
-def _stacked(layers: list[Any], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Several sessions' keys and values of one layer as [sessions, heads, length, dim] each:
-    one concatenation of their preallocated buffers when they all have ``length`` positions of
-    room (``PreallocatedLayer.window``; what lies past a session's own length is masked), else
-    copied row by row and right-padded with zeros."""
-    windows = [layer.window(length) if hasattr(layer, "window") else None for layer in layers]
-    if all(w is not None for w in windows):
-        keys, values = zip(*windows, strict=True)  # type: ignore[misc]
-        return torch.cat(keys), torch.cat(values)
-    keys = _right_pad([layer.keys for layer in layers], length)
-    return keys, _right_pad([layer.values for layer in layers], length)
-
-
-def _right_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
-    """[1, heads, n_i, dim] tensors -> [batch, heads, length, dim], zeros after each one's n_i."""
-    first = tensors[0]
-    out = first.new_empty((len(tensors), first.shape[1], length, first.shape[3]))
-    for row, tensor in enumerate(tensors):
-        out[row, :, : tensor.shape[2]] = tensor[0]
-        out[row, :, tensor.shape[2] :] = 0  # masked, but garbage there could still be NaN
-    return out
-
-
-class _StackedLayer(DynamicLayer):
-    """One layer's keys and values of several sessions, right-padded into one buffer with a last
-    column left for the new position, which ``update`` fills in place (no concatenation)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[:, :, -1:] = key_states
-        self.values[:, :, -1:] = value_states
-        return self.keys, self.values
 
 
 def _layer_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -122,6 +122,7 @@ class ServerInfoReply(Message):
     adapters: list[str] = []
     batched_steps: int = 0  # decode steps that ran merged with other sessions' steps
     decode_passes: int = 0  # passes over the weights for decode steps (merged or alone)
+    compute_seconds: float = 0.0  # time the compute thread spent computing, since start
     max_batch_size: int
     inference_max_length: int
     cache_tokens_left: int

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -24,6 +26,7 @@ from corolla.runtime.adapters import using_adapter
 from corolla.runtime.batching import DecodeRhythms
 from corolla.runtime.quantize import quantized_bytes
 
+T = TypeVar("T")
 MAX_DECODE_BATCH = 32  # decode steps merged into one pass at most
 
 
@@ -60,6 +63,7 @@ class SpanBackend:
         self.rhythms = DecodeRhythms()
         self.batched_steps = 0  # decode steps that ran merged with others (for tests and metrics)
         self.decode_passes = 0  # passes over the weights for decode steps, merged or alone
+        self.compute_seconds = 0.0  # wall time the compute thread spent computing (profiling)
 
     @property
     def start(self) -> int:
@@ -98,7 +102,7 @@ class SpanBackend:
                 asyncio.ensure_future(self._drain_decode_queue())
             return await step.done
         call = functools.partial(self._run_sync, hidden, start, end, cache, prompts, adapter)
-        return await loop.run_in_executor(self._executor, call)
+        return await loop.run_in_executor(self._executor, self._timed, call)
 
     def _is_decode_step(self, hidden: torch.Tensor, start: int, cache: DynamicCache | None) -> bool:
         """One new position of one sequence whose cache already holds its prompt."""
@@ -128,7 +132,8 @@ class SpanBackend:
                     groups.setdefault((step.start, step.end, step.adapter), []).append(step)
                 for group in groups.values():
                     try:
-                        outs = await loop.run_in_executor(self._executor, self._decode_sync, group)
+                        call = functools.partial(self._decode_sync, group)
+                        outs = await loop.run_in_executor(self._executor, self._timed, call)
                     except Exception as e:
                         for step in group:
                             if not step.done.done():
@@ -177,7 +182,7 @@ class SpanBackend:
         nothing is kept between calls."""
         loop = asyncio.get_running_loop()
         call = functools.partial(self._backward_sync, hidden, grad_outputs, start, end, prompts, adapter)
-        return await loop.run_in_executor(self._executor, call)
+        return await loop.run_in_executor(self._executor, self._timed, call)
 
     def _run_sync(
         self,
@@ -215,6 +220,14 @@ class SpanBackend:
             grads = torch.autograd.grad(y, inputs, grad_outputs=grad_y)
         grad_prompts = grads[1].to(device="cpu") if p is not None else None
         return grads[0].to(device="cpu"), grad_prompts
+
+    def _timed(self, call: Callable[[], T]) -> T:
+        """``call()`` on the compute thread, its wall time added to ``compute_seconds``."""
+        started = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.compute_seconds += time.perf_counter() - started
 
     def _adapter(self, name: str | None) -> contextlib.AbstractContextManager[None]:
         """Compute with LoRA adapter ``name`` active (None: the base weights)."""

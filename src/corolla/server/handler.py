@@ -164,6 +164,7 @@ class Handler:
             adapters=list(backend.adapters),
             batched_steps=backend.batched_steps,
             decode_passes=backend.decode_passes,
+            compute_seconds=backend.compute_seconds,
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=sessions.budget.left,

@@ -74,6 +74,7 @@ def test_concurrent_decode_steps_are_merged_and_exact(
 
     alone, together = asyncio.run(scenario())
     assert b.batched_steps >= 2  # at least some of the four steps shared a pass
+    assert b.decode_passes < 8 and b.compute_seconds > 0  # 4 alone, then fewer than 4 for the merged
     for a, t in zip(alone, together, strict=True):
         torch.testing.assert_close(t, a, atol=1e-5, rtol=0)
     b.shutdown()

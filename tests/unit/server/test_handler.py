@@ -37,6 +37,7 @@ class FakeBackend:
     start, end, dtype, quant_type, tp_devices = 0, BLOCKS, torch.float32, "none", ()
     adapters: tuple[str, ...] = ()
     weight_bytes = batched_steps = decode_passes = 0
+    compute_seconds = 0.0
 
     def __init__(self) -> None:
         self.runs = 0

@@ -109,6 +109,7 @@ def generation_kwargs(max_new_tokens: int) -> dict[str, Any]:
 
 def local_generate(model: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
     clock = TokenClock()
+    input_ids = input_ids.to(model.device)
     started = time.perf_counter()
     model.generate(
         input_ids,
@@ -135,10 +136,13 @@ def prefill_ids(tokens: int) -> torch.Tensor:
 def time_prefill(model: PreTrainedModel, ids: torch.Tensor, repeats: int) -> float:
     """Median seconds of a full forward pass over ``ids`` (logits of every position), after a warm-up."""
     times = []
+    ids = ids.to(model.device)
     with torch.no_grad():
         for i in range(repeats + 1):
             started = time.perf_counter()
             model(ids)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
             if i:
                 times.append(time.perf_counter() - started)
     return statistics.median(times)
@@ -289,8 +293,9 @@ def start_servers(
 ) -> list[LocalServer]:
     """One server per span, each joining the first, the machine's cores split between them (as
     ``corolla demo`` does); stops those already started on failure."""
-    extra = ["--cache_dir", args.cache_dir, "--device", "cpu", "--torch_dtype", "float32"]
-    extra += shared_cores_args(len(splits))
+    extra = ["--cache_dir", args.cache_dir, "--device", args.device, "--torch_dtype", args.torch_dtype]
+    if args.device == "cpu":
+        extra += shared_cores_args(len(splits))
     servers: list[LocalServer] = []
     try:
         for start, end in tqdm(splits, desc="starting servers", unit="server", file=sys.stderr):
@@ -360,7 +365,9 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
+        "gpu": gpu,
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
@@ -383,7 +390,8 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
             "repeats": args.repeats,
             "warmup": args.warmup,
             "prompt_tokens": prompt_tokens,
-            "dtype": "float32",
+            "dtype": args.torch_dtype,
+            "device": args.device,
         },
         "local": local.summary(),
         "phases": {key: phase.summary() for key, phase in phases.items()},
@@ -436,7 +444,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"corolla decode benchmark: {s['model']} ({s['dtype']}), prompt {s['prompt_tokens']} tokens, "
         f"{s['max_new_tokens']} new tokens (greedy, forced), median of {s['repeats']} runs",
-        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} torch threads, "
+        f"machine: {m['gpu'] + ' on ' if s['device'] != 'cpu' and m['gpu'] else ''}"
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} torch threads, "
         f"python {m['python']}",
         "",
         f"{'configuration':<32}{'decode tok/s':>13}{'(min-max)':>13}{'x local':>9}{'target':>14}"
@@ -511,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill_tokens", type=int, default=512, help="prompt length of the prefill figure")
     p.add_argument("--sessions", type=int, default=8, help="sessions at once for the batching figure")
     p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
+    p.add_argument("--device", default="cpu", help="where servers and the local model compute: cpu or cuda")
+    p.add_argument(
+        "--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -524,7 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_blocks = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = encode_prompt(tokenizer, args.prompt, use_chat_template=True)
-    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.torch_dtype)
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"corolla-bench-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     half = num_blocks // 2

@@ -1,0 +1,48 @@
+"""The performance benchmarks run end to end on the built-in model (short settings) and report
+every figure of the performance table; nothing here asserts on time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+SHORT = ["--repeats", "1", "--warmup", "0", "--max_new_tokens", "4", "--sessions", "3"]
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_decode_reports_the_whole_table_with_exact_tokens() -> None:
+    report = json.loads(run("bench_decode.py", *SHORT, "--prefill_tokens", "32", "--json"))
+    assert report["tokens_identical"] and report["serving"]["concurrent_identical"]
+    assert set(report["ratios"]) == {"swarm_1", "swarm_2"}
+    assert all(r["decode_vs_local"] > 0 for r in report["ratios"].values())
+    serving = report["serving"]
+    assert serving["prefill_vs_local"] > 0 and serving["concurrent_vs_one_session"] > 0
+    assert 0 < serving["slowest_startup_s"] < 120
+
+
+def test_profile_token_splits_a_token_for_each_configuration() -> None:
+    out = run("profile_token.py", *SHORT)
+    rows = {
+        line.split("  ")[0]: line
+        for line in out.splitlines()
+        if line.startswith(("one session", "3 sessions"))
+    }
+    assert set(rows) == {
+        "one session, 1 server",
+        "one session, 2 servers",
+        "3 sessions, 1 server (per round)",
+    }
+    assert "steps/pass" in rows["3 sessions, 1 server (per round)"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
@@ -65,3 +66,19 @@ def _check_declared(message: runtime_pb2.Tensor) -> None:
             f"cannot decode tensor: buffer: shape {shape} of {message.dtype} needs "
             f"{min(sizes)} bytes, got {len(message.buffer)}"
         )
+
+
+# the exponent bits of 16-bit floats: all ones means infinity or NaN
+_EXPONENT_16 = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in a CPU float tensor, checked with numpy: the event loop's thread must
+    not start a PyTorch OpenMP team of its own (see ``runtime.compute_thread``)."""
+    if tensor.dtype in _EXPONENT_16:
+        exponent = _EXPONENT_16[tensor.dtype]
+        bits = tensor.detach().contiguous().view(torch.int16).numpy()
+        return not bool(np.any((bits & exponent) == exponent))
+    if tensor.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(tensor.detach().numpy()).all())
+    return bool(torch.isfinite(tensor).all())

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,8 +21,10 @@ from transformers import DynamicCache
 
 from corolla.errors import BadRequest
 from corolla.models.span import SpanModel
+from corolla.runtime import compute_thread
 from corolla.runtime.adapters import using_adapter
 from corolla.runtime.batching import DecodeRhythms
+from corolla.runtime.compute_thread import compute_executor
 from corolla.runtime.quantize import quantized_bytes
 
 T = TypeVar("T")
@@ -41,7 +42,8 @@ class _DecodeStep:
 
 
 class SpanBackend:
-    """Runs a span of blocks on its device, one request at a time, off the event loop."""
+    """Runs a span of blocks on its device, one request at a time, on the process's compute
+    thread (``runtime.compute_thread``), off the event loop."""
 
     def __init__(
         self,
@@ -56,7 +58,6 @@ class SpanBackend:
         self.quant_type, self.tp_devices = quant_type, tp_devices
         self.adapters: tuple[str, ...] = ()  # LoRA adapters loaded into the span (runtime.adapters)
         self.weight_bytes = quantized_bytes(span.layers)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self._decode_queue: list[_DecodeStep] = []
         self._draining = False
         self._arrival = asyncio.Event()  # set whenever a decode step is queued
@@ -102,7 +103,7 @@ class SpanBackend:
                 asyncio.ensure_future(self._drain_decode_queue())
             return await step.done
         call = functools.partial(self._run_sync, hidden, start, end, cache, prompts, adapter)
-        return await loop.run_in_executor(self._executor, self._timed, call)
+        return await loop.run_in_executor(compute_executor(), self._timed, call)
 
     def _is_decode_step(self, hidden: torch.Tensor, start: int, cache: DynamicCache | None) -> bool:
         """One new position of one sequence whose cache already holds its prompt."""
@@ -133,7 +134,7 @@ class SpanBackend:
                 for group in groups.values():
                     try:
                         call = functools.partial(self._decode_sync, group)
-                        outs = await loop.run_in_executor(self._executor, self._timed, call)
+                        outs = await loop.run_in_executor(compute_executor(), self._timed, call)
                     except Exception as e:
                         for step in group:
                             if not step.done.done():
@@ -182,7 +183,7 @@ class SpanBackend:
         nothing is kept between calls."""
         loop = asyncio.get_running_loop()
         call = functools.partial(self._backward_sync, hidden, grad_outputs, start, end, prompts, adapter)
-        return await loop.run_in_executor(self._executor, self._timed, call)
+        return await loop.run_in_executor(compute_executor(), self._timed, call)
 
     def _run_sync(
         self,
@@ -250,4 +251,5 @@ class SpanBackend:
                     ) from None
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """At exit: queued work is dropped (the compute thread is the process's, see compute_thread)."""
+        compute_thread.shutdown()

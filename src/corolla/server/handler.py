@@ -564,7 +564,7 @@ def _peer_of(context: P2PContext | None) -> str | None:
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not codec.all_finite(tensor):
         raise BadRequest(f"{name} contain NaN or infinite values")
 
 

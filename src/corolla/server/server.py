@@ -22,6 +22,7 @@ from corolla.models.resolve import default_dht_prefix
 from corolla.protocol.records import ServerInfo, ServerState
 from corolla.runtime.adapters import load_adapters
 from corolla.runtime.backend import SpanBackend
+from corolla.runtime.compute_thread import on_compute_thread
 from corolla.runtime.kv_cache import CacheBudget, cache_bytes_per_token_block
 from corolla.runtime.loader import load_span
 from corolla.server.handler import Handler, Hosting
@@ -177,7 +178,7 @@ class Server:
 
     async def _host(self, dht: DHT, span: Span) -> None:
         """Load ``span``, start serving it, announce it ONLINE."""
-        backend = await asyncio.to_thread(self._load, *span)
+        backend = await on_compute_thread(self._load, *span)  # the thread that will serve it
         budget = CacheBudget(self.config.limits.attn_cache_tokens * (span[1] - span[0]))
         self.handler.hosting = Hosting(backend, SessionTable(budget))
         self.span = span

@@ -5,13 +5,13 @@ them the server's device, model and peers, logs the outcome, and prints ``dry_ru
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 
 from hivemind.p2p import P2P
 
 from corolla.config import LimitsConfig, ServerConfig
+from corolla.runtime.compute_thread import on_compute_thread
 from corolla.runtime.memory import num_blocks_for
 from corolla.runtime.throughput import (
     DEFAULT_BANDWIDTH,
@@ -61,7 +61,7 @@ async def decide_throughput(
         quant_type=plan.quant_type,
         tp_devices=plan.tp_devices,
     )
-    report = await asyncio.to_thread(
+    report = await on_compute_thread(  # where the span will run: one OpenMP team per process
         resolve_throughput,
         config.throughput,
         num_blocks=num_blocks,

@@ -5,7 +5,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from corolla.errors import BadRequest
-from corolla.protocol.codec import pack, unpack
+from corolla.protocol.codec import all_finite, pack, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -123,3 +123,16 @@ def test_legacy_bfloat16_sent_as_float32_still_decodes() -> None:
     tensor = torch.linspace(-1, 1, 6, dtype=torch.bfloat16).reshape(2, 3)
     legacy = runtime_pb2.Tensor(buffer=tensor.float().numpy().tobytes(), size=[2, 3], dtype="bfloat16")
     assert torch.equal(unpack(legacy), tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_nan_and_infinity_in_every_wire_dtype(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 5, dtype=dtype) * 100
+    extremes = torch.tensor(
+        [torch.finfo(dtype).max, torch.finfo(dtype).min, torch.finfo(dtype).tiny], dtype=dtype
+    )
+    assert all_finite(x) and all_finite(extremes) and all_finite(x.t())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        assert not all_finite(y) and not all_finite(y.t())

@@ -6,11 +6,15 @@ usual case: concurrent generations), a pass appends one column to it instead of 
 session's cache again (that cost 5 of the 38 ms of a pass of 8 sessions on the built-in model).
 Columns are positions; a per-row mask says which columns are a row's: its cache's positions, then
 one column per pass. Each session's own cache also gets its new keys, so a session can leave the
-group (or step alone) at any time; the merge is rebuilt when the group or any cache changed."""
+group (or step alone) at any time; the merge is rebuilt when the group or any cache changed.
+
+The merge is a second copy of its sessions' keys and values (as the stacking per pass it replaces
+was, for the duration of a pass); its owner drops it when one of its sessions is gone."""
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +27,22 @@ ROOM = 32  # columns allocated ahead, for that many passes before the merge is r
 class MergedCaches:
     """The merged keys and values of ``caches`` (layers ``first..last-1``) and each row's mask."""
 
-    def __init__(self, caches: list[DynamicCache], first: int, last: int, config: Any) -> None:
-        self._sessions = [weakref.ref(cache) for cache in caches]
+    def __init__(
+        self,
+        caches: list[DynamicCache],
+        first: int,
+        last: int,
+        config: Any,
+        on_session_gone: Callable[[MergedCaches], None] | None = None,
+    ) -> None:
+        me = weakref.ref(self)
+
+        def gone(_: object) -> None:  # a session closed: its owner may drop the merge (and its memory)
+            merge = me()
+            if merge is not None and on_session_gone is not None:
+                on_session_gone(merge)
+
+        self._sessions = [weakref.ref(cache, gone) for cache in caches]
         self.first, self.last, self.config = first, last, config
         self.lengths = [cache.get_seq_length(first) for cache in caches]
         self.width = max(self.lengths)  # columns in use

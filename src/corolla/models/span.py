@@ -114,7 +114,7 @@ class SpanModel(nn.Module):
         kernels). Each cache grows by one."""
         merged = self._merged
         if merged is None or not merged.fits(caches, first, last):
-            merged = self._merged = MergedCaches(caches, first, last, self.cache_config)
+            merged = self._merged = MergedCaches(caches, first, last, self.cache_config, self._forget)
         x = torch.cat(hiddens, dim=0)
         cache, mask = merged.step_cache(x.dtype)
         position_ids = torch.tensor(merged.lengths, device=x.device).unsqueeze(1)
@@ -131,6 +131,12 @@ class SpanModel(nn.Module):
             x = _layer_output(out)
         merged.commit(caches)
         return list(x.split(1, dim=0))
+
+    def _forget(self, merged: MergedCaches) -> None:
+        """Drop ``merged`` if it is still the kept one (one of its sessions is gone); a pass using
+        it holds its own reference."""
+        if self._merged is merged:
+            self._merged = None
 
     def _mask(
         self,

@@ -3,6 +3,7 @@ each session what it gets alone, across rebuilds (a session stepping alone, the 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -52,3 +53,19 @@ def test_consecutive_passes_reuse_the_merge_and_equal_each_session_alone(
                 torch.testing.assert_close(out, alone[row][i], rtol=0, atol=1e-5)
     assert [c.get_seq_length() for c in caches] == [p.shape[1] + STEPS for p in prompts]
     assert 3 <= merges <= 5  # rebuilt when the group changed and when the room ran out, kept otherwise
+
+
+def test_the_merge_is_dropped_when_one_of_its_sessions_is_gone(
+    tiny_llama_dir: Path, config: PretrainedConfig
+) -> None:
+    s = span(tiny_llama_dir, config)
+    caches = [s.new_cache(16) for _ in range(2)]
+    with torch.inference_mode():
+        [s(torch.randn(1, 3, config.hidden_size), cache=c) for c in caches]
+        s.decode_batch(
+            [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, first=0, last=NUM_BLOCKS
+        )
+    assert s._merged is not None
+    del caches[1]  # the session closed: its cache is freed
+    gc.collect()
+    assert s._merged is None  # and the merged copy of the keys with it

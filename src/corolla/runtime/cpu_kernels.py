@@ -21,12 +21,19 @@ logger = logging.getLogger(__name__)
 
 
 class OneDnnLinear(nn.Linear):
-    """An ``nn.Linear`` whose inference forward runs oneDNN's inner product."""
+    """An ``nn.Linear`` whose inference forward runs oneDNN's inner product while it stays a
+    float32 CPU layer (moved or cast later, e.g. a client model sent to a GPU, it is nn.Linear)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
-            return F.linear(input, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(input, self.weight, self.bias, "none", [], "")
+        weight = self.weight
+        if (
+            (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+            or weight.device.type != "cpu"
+            or weight.dtype != torch.float32
+            or input.dtype != torch.float32
+        ):
+            return F.linear(input, weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(input, weight, self.bias, "none", [], "")
 
 
 @functools.cache

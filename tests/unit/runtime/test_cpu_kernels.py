@@ -58,3 +58,12 @@ def test_autograd_goes_through_f_linear() -> None:
     assert x.grad is not None
     expected = torch.autograd.grad(F.linear(x, m[0].weight, m[0].bias).sum(), x)[0]
     assert torch.equal(x.grad, expected)
+
+
+def test_a_converted_layer_cast_later_falls_back_to_nn_linear() -> None:
+    m = model()
+    use_onednn_linears(m)
+    m[0].to(torch.bfloat16)  # e.g. a client model cast (or moved to a GPU) after loading
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(m[0](x), F.linear(x, m[0].weight, m[0].bias))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,12 +90,8 @@ class SessionTable:
         peer: str | None = None,
         max_per_peer: int | None = None,
     ) -> Session:
-        self._claim(peer, max_per_peer)
-        try:
+        with self._claimed(peer, max_per_peer):
             reservation = self.budget.reserve(max_length * batch_size * (end - start))
-        except BaseException:
-            self._unclaim(peer)
-            raise
         return self._add(start, end, max_length, batch_size, cache, reservation, timeout, peer)
 
     async def open_waiting(
@@ -109,14 +107,21 @@ class SessionTable:
         peer: str | None = None,
         max_per_peer: int | None = None,
     ) -> Session:
-        self._claim(peer, max_per_peer)
         token_blocks = max_length * batch_size * (end - start)
-        try:
+        with self._claimed(peer, max_per_peer):  # also released if the stream goes away while waiting
             reservation = await self.budget.reserve_waiting(token_blocks, alloc_timeout)
-        except BaseException:  # refused, or the stream went away while waiting
+        return self._add(start, end, max_length, batch_size, cache, reservation, timeout, peer)
+
+    @contextlib.contextmanager
+    def _claimed(self, peer: str | None, max_per_peer: int | None) -> Iterator[None]:
+        """A slot of ``peer``'s (``AllocationFailed`` past ``max_per_peer``), given back if the
+        block fails: a refused or abandoned session counts for nobody."""
+        self._claim(peer, max_per_peer)
+        try:
+            yield
+        except BaseException:
             self._unclaim(peer)
             raise
-        return self._add(start, end, max_length, batch_size, cache, reservation, timeout, peer)
 
     def _claim(self, peer: str | None, max_per_peer: int | None) -> None:
         if peer is None:

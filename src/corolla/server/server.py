@@ -139,7 +139,7 @@ class Server:
         for line in describe(self.access, self.config.allowed_peers):
             logger.info("%s", line)
         dht = start_dht(network, num_workers=max(4, self.model_blocks), identity=self.identity)
-        logger.info("DHT peer id %s", dht.peer_id.to_base58())
+        logger.info("joined the DHT as peer %s", dht.peer_id.to_base58())
         return dht
 
     def _span_length(self) -> int:
@@ -230,7 +230,7 @@ class Server:
         model = "" if self.config.model == ServerConfig.model else f" {self.config.model}"
         print(
             f"Join this swarm: corolla serve{model} --initial_peers {peers}   |   "
-            f'client: corolla generate{model} --initial_peers {peers} "Hello"',
+            f'client: corolla generate{model} --initial_peers {peers} "What is the capital of France?"',
             file=sys.stdout,
             flush=True,
         )
@@ -332,12 +332,13 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # hivemind forks the DHT process from here: the child must not inherit these handlers,
-        # or it ignores the SIGTERM that ends it when its graceful shutdown times out
-        os.register_at_fork(after_in_child=_default_signal_handlers)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stop.is_set():
+            if sig == signal.SIGINT:  # a second Ctrl-C: the user does not want to wait
+                logger.info("received SIGINT again: exiting at once")
+                logging.shutdown()
+                os._exit(130)  # the DHT process and p2pd follow (corolla.swarm.lifeline)
             return
         logger.info("received %s: announcing OFFLINE and shutting down", signal.Signals(sig).name)
         self.stop.set()
@@ -373,11 +374,6 @@ def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict) -> 
         logger.debug("during shutdown: %s", context.get("message"))
     else:
         loop.default_exception_handler(context)
-
-
-def _default_signal_handlers() -> None:
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _human(n: float) -> str:

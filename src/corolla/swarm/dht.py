@@ -18,6 +18,7 @@ from corolla.config import NetworkConfig
 from corolla.errors import SwarmUnavailable
 from corolla.swarm.auth import SwarmKey, SwarmKeyValidator, load_swarm_key
 from corolla.swarm.identity import ServerIdentity, verifying_validator
+from corolla.swarm.lifeline import forking_dht
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +83,21 @@ def start_dht(
             swarm_key.fingerprint,
         )
     try:
-        return DHT(
-            initial_peers=list(network.initial_peers),
-            start=True,
-            num_workers=num_workers,
-            shutdown_timeout=1.0,
-            host_maddrs=network.listen_maddrs(),
-            announce_maddrs=network.public_maddrs() or None,
-            identity_path=identity_path,
-            client_mode=client_mode,
-            use_relay=False,
-            use_auto_relay=False,
-            record_validators=record_validators(swarm_key, identity),
-            **extra,
-        )
+        with forking_dht():  # its processes die with ours, and a terminal's Ctrl-C reaches only ours
+            return DHT(
+                initial_peers=list(network.initial_peers),
+                start=True,
+                num_workers=num_workers,
+                shutdown_timeout=1.0,
+                host_maddrs=network.listen_maddrs(),
+                announce_maddrs=network.public_maddrs() or None,
+                identity_path=identity_path,
+                client_mode=client_mode,
+                use_relay=False,
+                use_auto_relay=False,
+                record_validators=record_validators(swarm_key, identity),
+                **extra,
+            )
     except Exception as e:  # hivemind raises P2PDaemonError, ValueError for bad multiaddrs, ...
         reason = " ".join(str(e).split()) or type(e).__name__
         hint = (
@@ -113,3 +115,4 @@ def visible_maddrs(dht: DHT) -> list[str]:
     """Multiaddrs others can use to reach this peer, loopback last (most useful first)."""
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     return sorted(maddrs, key=lambda m: ("/ip4/127." in m or "/ip6/::1/" in m, m))
+

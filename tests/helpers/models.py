@@ -37,6 +37,22 @@ def save_tiny_llama(path: Path, **overrides: Any) -> Path:
     return path
 
 
+def save_tiny_chat_llama(path: Path, **overrides: Any) -> Path:
+    """A tiny random Llama with the built-in model's tokenizer (vocabulary 49152, chat template), so
+    the commands that encode text (``corolla generate``, ``corolla api``) run on it."""
+    import shutil
+
+    from corolla.config import BUILTIN_MODEL, default_cache_dir
+    from corolla.models.resolve import resolve_model
+
+    save_tiny_llama(path, **{"vocab_size": 49152, **overrides})
+    tokenizer_dir = resolve_model(BUILTIN_MODEL, default_cache_dir()).path  # converted once, then cached
+    for file in tokenizer_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
+            shutil.copy(file, path / file.name)
+    return path
+
+
 # Tiny seeded configs, one per supported family (4 blocks unless overridden). Sliding windows are
 # shorter than the test sequences, so the sliding-window paths really run.
 _COMMON: dict[str, Any] = {

@@ -5,7 +5,6 @@ client. Answers are compared with local ``transformers`` greedy generation on th
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,9 +29,7 @@ from corolla.api.engine import Engine
 from corolla.cli.api import listen
 from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
-from corolla.config import BUILTIN_MODEL, default_cache_dir
-from corolla.models.resolve import resolve_model
-from helpers.models import save_tiny_llama
+from helpers.models import save_tiny_chat_llama
 
 NUM_BLOCKS = 4
 CONTEXT = 1024  # the tiny model's positions; the servers allow more
@@ -46,19 +43,13 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the built-in model's tokenizer (vocabulary 49152, chat template)."""
-    path = save_tiny_llama(
+    return save_tiny_chat_llama(
         tmp_path_factory.mktemp("tiny_chat"),
-        vocab_size=49152,
         num_hidden_layers=NUM_BLOCKS,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=CONTEXT,
     )
-    tokenizer_dir = resolve_model(BUILTIN_MODEL, default_cache_dir()).path
-    for file in tokenizer_dir.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "chat_template.jinja":
-            shutil.copy(file, path / file.name)
-    return path
 
 
 @pytest.fixture(scope="module")

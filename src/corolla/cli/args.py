@@ -9,6 +9,7 @@ A refusal of any kind becomes ``ConfigError``; entry points print it as one line
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import logging
 import re
@@ -29,6 +30,9 @@ LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
 # field name -> flag name, where Petals' flag name differs from ours
 FLAG_NAMES = {"model": "converted_model_name_or_path"}
 _SPAN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+# flags that take a list of multiaddrs; in a command line their list ends at the first value that
+# is not a multiaddr, so `corolla generate --initial_peers ADDR "Hello"` keeps "Hello" as the prompt
+MULTIADDR_FLAGS = ("--initial_peers", "--host_maddrs", "--announce_maddrs")
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,24 @@ NETWORK_GROUPS = (FlagGroup("network", NetworkConfig),)
 class ArgumentParser(configargparse.ArgumentParser):
     """Raises ``ConfigError`` instead of printing usage and exiting, so refusals stay one line."""
 
+    _config_labels: tuple[str, ...] = ()
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
+
+    def _open_config_files(self, command_line_args: list[str]) -> list[tuple[Any, str]]:
+        streams = super()._open_config_files(command_line_args)
+        self._config_labels = tuple(label for _, label in streams)  # to name the file in errors
+        return streams
+
+    def convert_item_to_command_line_arg(self, action: Any, key: str, value: Any) -> list[str]:
+        if action is None:  # a key that is no flag: name it and the file, not "--key=value"
+            where = " or ".join(self._config_labels) or "the config file"
+            known = [o.lstrip("-") for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "keys are flag names without --; see --help"
+            raise ConfigError(f"unknown key {key!r} in {where}: {hint}")
+        return super().convert_item_to_command_line_arg(action, key, value)
 
 
 class HelpFormatter(configargparse.ArgumentDefaultsHelpFormatter):
@@ -113,7 +133,7 @@ def build_parser(
 
 def parse_config(parser: ArgumentParser, config_cls: type[C], argv: Sequence[str] | None) -> C:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into ``config_cls``; refusals raise ``ConfigError``."""
-    values = vars(parser.parse_args(argv))
+    values = vars(parser.parse_args(split_multiaddr_lists(sys.argv[1:] if argv is None else argv)))
     if "model_positional" in values:
         values["model"] = _pick_model(values.pop("model_positional"), values.get("model"))
     return build_config(config_cls, values)
@@ -144,6 +164,30 @@ def server_parser() -> ArgumentParser:
 def parse_server_args(argv: Sequence[str] | None = None) -> ServerConfig:
     """``corolla serve`` flags -> ``ServerConfig``; raises ``ConfigError`` for any refusal."""
     return parse_config(server_parser(), ServerConfig, argv)
+
+
+def split_multiaddr_lists(argv: Sequence[str]) -> list[str]:
+    """Give each value of a multiaddr flag its own ``--flag=VALUE`` (the flags accumulate), so the
+    list ends at the first value that is not a multiaddr (not starting with ``/``) and what follows
+    is read as usual: ``--initial_peers A B "Hello"`` -> ``--initial_peers=A --initial_peers=B "Hello"``."""
+    out: list[str] = []
+    flag: str | None = None  # the multiaddr flag whose values are being read
+    values = 0  # how many it has had
+    for i, token in enumerate(argv):
+        if flag is not None and token.startswith("/"):
+            out.append(f"{flag}={token}")
+            values += 1
+            continue
+        if flag is not None and values == 0:
+            out.append(flag)  # no multiaddr followed it: let the parser read it as written
+        if token == "--":
+            return out + list(argv[i:])
+        flag, values = (token, 0) if token in MULTIADDR_FLAGS else (None, 0)
+        if flag is None:
+            out.append(token)
+    if flag is not None and values == 0:
+        out.append(flag)
+    return out
 
 
 def parse_block_indices(text: str) -> tuple[int, int]:
@@ -192,7 +236,10 @@ def client_parser(prog: str, description: str | None, *, swarm: bool = True) -> 
         p.add_argument(
             "model", nargs="?", default=BUILTIN_MODEL, help="model name or path (as given to corolla serve)"
         )
-        p.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
+        p.add_argument(
+            "--initial_peers", nargs="+", action="extend", required=True,
+            help="multiaddrs of peers in the swarm",
+        )  # fmt: skip
         p.add_argument(
             "--dht_prefix", default=None, help="the model's name in the DHT (default: from the model)"
         )
@@ -219,9 +266,16 @@ def run_client_command(
 ) -> int:  # fmt: skip
     """The entry point of a client-side command (generate, demo, swarm): quiet logs, parse, run."""
     setup_logging(logging.WARNING)
-    args = parser.parse_args(argv)
+    args = parse_client_args(parser, argv)
     route_hivemind_logs()
     return run_command(prog, lambda: run(args))
+
+
+def parse_client_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a client-side command's ``argv`` (default: ``sys.argv[1:]``). Positionals may stand
+    anywhere (``corolla generate MODEL --initial_peers ADDR "prompt"``), and multiaddr lists end at
+    the first value that is not a multiaddr (``split_multiaddr_lists``)."""
+    return parser.parse_intermixed_args(split_multiaddr_lists(sys.argv[1:] if argv is None else argv))
 
 
 def report_error(prog: str, error: BaseException) -> int:
@@ -238,7 +292,10 @@ def _add_flag(section: Any, config_cls: type, f: Field, model_positional: bool) 
     if f.name == "model" and model_positional:
         # None here, so a flag that repeats MODEL differently can be told apart from the default
         help_text, default = f"{help_text} (default: {default})", None
-    section.add_argument(f"--{name}", dest=f.name, default=default, help=help_text, **_kind(config_cls, f))
+    kind = _kind(config_cls, f)
+    if kind.get("action") == "extend":
+        default = list(default)  # extended in place by argparse: a copy of its own, and a list
+    section.add_argument(f"--{name}", dest=f.name, default=default, help=help_text, **kind)
 
 
 def _kind(config_cls: type, f: Field) -> dict[str, Any]:
@@ -250,8 +307,8 @@ def _kind(config_cls: type, f: Field) -> dict[str, Any]:
         return {"action": "store_true"}
     if get_origin(hint) is tuple:
         args = get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return {"nargs": "+", "type": args[0]}
+        if len(args) == 2 and args[1] is Ellipsis:  # repeated flags add up: --adapters A --adapters B
+            return {"nargs": "+", "type": args[0], "action": "extend"}
         if args == (int, int):
             return {"type": parse_block_indices, "metavar": "START:END"}
     if hint in (int, float, str):

@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from corolla.cli.args import SERVER_GROUPS, parse_block_indices, parse_server_args, server_parser
+from corolla.cli.args import (
+    SERVER_GROUPS,
+    parse_block_indices,
+    parse_server_args,
+    server_parser,
+    split_multiaddr_lists,
+)
 from corolla.cli.run_dht import parse_dht_args
 from corolla.config import LimitsConfig, NetworkConfig, ServerConfig
 from corolla.errors import ConfigError
@@ -65,6 +71,40 @@ def test_flags_fill_nested_configs() -> None:
     assert config.block_indices == (1, 3)
     assert config.network.initial_peers == (MADDR, MADDR)
     assert config.limits.attn_cache_tokens == 64
+
+
+def test_a_multiaddr_list_ends_at_the_first_value_that_is_no_multiaddr() -> None:
+    config = parse_server_args(["--initial_peers", MADDR, MADDR.replace("31337", "1"), "my-model"])
+    assert config.model == "my-model"
+    assert config.network.initial_peers == (MADDR, MADDR.replace("31337", "1"))
+
+
+def test_repeated_list_flags_add_up() -> None:
+    config = parse_server_args(
+        ["--initial_peers", MADDR, "--adapters", "a", "--initial_peers", MADDR, "--adapters", "b"]
+    )
+    assert config.network.initial_peers == (MADDR, MADDR)
+    assert config.adapters == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["--initial_peers", "/a", "/b", "Hello", "--json"],
+            ["--initial_peers=/a", "--initial_peers=/b", "Hello", "--json"],
+        ),
+        (["--host_maddrs", "/a", "--initial_peers", "/b"], ["--host_maddrs=/a", "--initial_peers=/b"]),
+        (
+            ["--initial_peers", "not-a-maddr"],
+            ["--initial_peers", "not-a-maddr"],
+        ),  # the parser says what is wrong
+        (["--initial_peers"], ["--initial_peers"]),
+        (["x", "--", "--initial_peers", "/a"], ["x", "--", "--initial_peers", "/a"]),
+    ],
+)
+def test_split_multiaddr_lists(argv: list[str], expected: list[str]) -> None:
+    assert split_multiaddr_lists(argv) == expected
 
 
 def test_model_flag_and_positional_agree() -> None:
@@ -128,10 +168,27 @@ def test_yaml_config_file_sets_flags(tmp_path: Path) -> None:
     assert config.public_name == "cli wins"
 
 
-def test_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
+def test_unknown_yaml_key_is_refused_naming_the_key_the_file_and_the_flag_meant(tmp_path: Path) -> None:
     path = tmp_path / "serve.yml"
-    path.write_text("num_blokcs: 3\n")
-    with pytest.raises(ConfigError, match="num_blokcs"):
+    path.write_text("public_name: ok\nnum_blokcs: 3\n")
+    with pytest.raises(ConfigError) as error:
+        parse_server_args(["--config", str(path)])
+    assert str(error.value) == f"unknown key 'num_blokcs' in {path}: did you mean 'num_blocks'?"
+
+
+def test_a_yaml_key_like_no_flag_points_at_help(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yml"
+    path.write_text("zzz: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'zzz' in .*serve.yml: keys are flag names without --"
+    ):
+        parse_server_args(["--config", str(path)])
+
+
+def test_an_unquoted_yaml_span_read_as_base_60_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yml"
+    path.write_text("block_indices: 10:20\n")  # YAML 1.1 reads 620
+    with pytest.raises(ConfigError, match=r"got '620' \(in a YAML file, quote it: '10:20'\)"):
         parse_server_args(["--config", str(path)])
 
 

@@ -175,7 +175,7 @@ def _convert_into(spec: BuiltinModel, cache: Path, out: Path) -> None:
 
 def _stage(bar: tqdm, label: str, step: Callable[..., T], *args: Any) -> T:
     bar.set_description(f"converting: {label}")
-    logger.info("built-in conversion: %s", label)
+    logger.info("converting the built-in model: %s", label)
     result = step(*args)
     bar.update(1)
     return result

@@ -129,7 +129,8 @@ def _download_snapshot(repo_id: str, cache_dir: str | None) -> Path | None:
             repo_id, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS, etag_timeout=_HUB_TIMEOUT_S
         )
     except Exception as error:  # offline, unknown or gated repo, timeout: all mean "not available"
-        logger.info("download of %s failed: %s", repo_id, str(error).strip().splitlines()[:1])
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        logger.info("download of %s failed: %s", repo_id, reason)
         return None
     return Path(path)
 

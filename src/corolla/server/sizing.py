@@ -40,7 +40,7 @@ def decide_num_blocks(plan: ServerPlan, limits: LimitsConfig) -> int:
         quant_type=plan.quant_type,
         tp_devices=plan.tp_devices,
     )
-    logger.info("block count: %s", count.reason)
+    logger.info("hosting as many blocks as fit: %s", count.reason)
     if plan.device.type == "cpu":
         logger.warning("this server runs on CPU: CPU servers are slow, consider a GPU (--device cuda)")
     return count.num_blocks

@@ -47,7 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.generation.streamers import BaseStreamer
 
 from corolla.cli.generate import encode_prompt
-from corolla.cli.local_swarm import LocalServer, shared_cores_args, start_swarm
+from corolla.cli.local_swarm import LocalServer, fresh_log_dir, shared_cores_args, start_swarm
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.models.resolve import resolve_model
@@ -539,8 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     input_ids = encode_prompt(tokenizer, args.prompt, use_chat_template=True)
     dtype = getattr(torch, args.torch_dtype)
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
-    log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"corolla-bench-{os.getpid()}"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = fresh_log_dir(args.cache_dir, "bench_decode")
     half = num_blocks // 2
     phases: dict[str, Phase] = {}
     phases["local_before"] = measure_local("local_before", "local, before servers", local, input_ids, args)

@@ -27,7 +27,7 @@ from hivemind.utils.logging import use_hivemind_log_handler
 from transformers import AutoConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from corolla.cli.local_swarm import LocalServer, start_dht_peer, start_swarm, stop_all
+from corolla.cli.local_swarm import LocalServer, fresh_log_dir, start_dht_peer, start_swarm, stop_all
 from corolla.cli.relay import DelayRelay, start_delayed_server
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, ClientConfig, default_cache_dir
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     use_hivemind_log_handler("nowhere")
     path = resolve_model(args.model, default_cache_dir()).path
     num_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
-    log_dir = Path(f"/tmp/corolla-bench-network-{time.time_ns()}")
-    log_dir.mkdir(parents=True)
+    log_dir = fresh_log_dir(default_cache_dir(), "bench_network")
     print(f"model {args.model} ({num_blocks} blocks); server logs in {log_dir}", flush=True)
     measure_push(args.model, num_blocks, args.delay_ms / 1000, args.tokens, log_dir)
     measure_failover(args.model, num_blocks, args.failover_tokens, log_dir)

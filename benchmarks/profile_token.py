@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from corolla.cli.generate import encode_prompt
+from corolla.cli.local_swarm import fresh_log_dir
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.client.transport import call_info
 from corolla.models.resolve import resolve_model
@@ -184,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_blocks = AutoConfig.from_pretrained(model_dir).num_hidden_layers
     ids = encode_prompt(AutoTokenizer.from_pretrained(model_dir), args.prompt, use_chat_template=True)
     tokens, half = args.max_new_tokens, num_blocks // 2
-    log_dir = Path(tempfile.gettempdir()) / "corolla-profile"
-    log_dir.mkdir(exist_ok=True)
+    log_dir = fresh_log_dir(args.cache_dir, "profile_token")
     lines = []
     for splits in ([(0, num_blocks)], [(0, half), (half, num_blocks)]):
         lines += profile_swarm(splits, ids, num_blocks, args, log_dir)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
-    from corolla.cli.local_swarm import shared_cores_args, start_swarm, stop_all
+    from corolla.cli.local_swarm import fresh_log_dir, shared_cores_args, start_swarm, stop_all
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.resolve import resolve_model
 
@@ -37,13 +37,15 @@ def run(args: argparse.Namespace) -> None:
     half = num_blocks // 2
     print(f"Starting two servers: blocks 0:{half} and {half}:{num_blocks} ...", flush=True)
     t0 = time.monotonic()
+    log_dir = fresh_log_dir(args.cache_dir, "demo")
     servers = start_swarm(
         BUILTIN_MODEL,
         [(0, half), (half, num_blocks)],
         extra_args=["--cache_dir", args.cache_dir, *shared_cores_args(2)],
+        log_dir=log_dir,
     )
     try:
-        print(f"Swarm ready in {time.monotonic() - t0:.1f} s; logs: {servers[0].log_path.parent}", flush=True)
+        print(f"Swarm ready in {time.monotonic() - t0:.1f} s; the servers' logs: {log_dir}", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             BUILTIN_MODEL, initial_peers=[servers[0].maddr or ""], cache_dir=args.cache_dir

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,10 @@ class LocalServer:
         module: str = "corolla.cli.run_server",
     ) -> None:
         self.args = list(args)
-        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="corolla-"))
+        # without a log_dir, a temporary one that stop() removes: nothing is left behind
+        self._temp_log_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="corolla-logs-"))
+        log_dir = log_dir or self._temp_log_dir
+        assert log_dir is not None
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115  (closed in stop())
         self.maddr: str | None = None
@@ -93,7 +97,18 @@ class LocalServer:
             self.kill()
             self.process.wait(5)
         self._log.close()
+        if self._temp_log_dir is not None:
+            shutil.rmtree(self._temp_log_dir, ignore_errors=True)
         return self.process.returncode
+
+
+def fresh_log_dir(cache_dir: str | Path, name: str) -> Path:
+    """``<cache_dir>/logs/<name>``, emptied: where a command that starts servers (the demo, a
+    benchmark) keeps their logs, one file per server, until its next run."""
+    path = Path(cache_dir) / "logs" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def shared_cores_args(servers: int) -> list[str]:

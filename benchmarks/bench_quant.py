@@ -1,17 +1,20 @@
 """Weight memory and greedy-token agreement of quantised and lower-precision servers, in one run.
 
-For each variant (``--variants``, default: bfloat16, int8, nf4) a two-server swarm of the
-built-in model is started on loopback (blocks 0:15 and 15:30) with that ``--torch_dtype`` /
+For each variant (``--variants``, default: float32, bfloat16, int8, nf4) a two-server swarm of
+the built-in model is started on loopback (blocks 0:15 and 15:30) with that ``--torch_dtype`` /
 ``--quant_type``, and compared with local float32 ``transformers``:
 
-- weight bytes per block, as the servers report them (``info`` RPC), against float32;
+- weight bytes per block, as the servers report them (``info`` RPC), against local float32's;
 - greedy agreement over a fixed set of prompts: the reference is local float32 greedy decoding
   of ``--max_new_tokens`` tokens per prompt. *Identical* counts prompts whose whole greedy
   continuation from the swarm equals the reference; *top-1* is the share of the new positions
   where the swarm's most likely next token equals local float32's, both given the reference
   sequence (teacher forcing, so one early difference does not spoil the rest).
 
-    python benchmarks/bench_quant.py [--variants bf16 int8 nf4] [--max_new_tokens 16] [--json]
+    python benchmarks/bench_quant.py [--variants fp32 bf16 int8 nf4] [--max_new_tokens 16] [--json]
+
+``--reference FILE`` keeps the local float32 reference (computed once, reused while the prompts
+and token count match), so runs of one variant each share it.
 
 Figures are reported, never asserted (the integration tests assert loose bounds).
 """
@@ -35,6 +38,7 @@ from corolla.client.model import AutoDistributedModelForCausalLM, DistributedMod
 from corolla.client.transport import call_info
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.models.resolve import resolve_model
+from corolla.runtime.loader import parameter_bytes
 
 PROMPTS = (
     "What is the capital of France?",
@@ -63,6 +67,32 @@ class Agreement:
     identical: int
     prompts: int
     top1: float
+
+
+@dataclass
+class Reference:
+    """Local float32's answers, and its weight bytes per block."""
+
+    expected: list[tuple[torch.Tensor, torch.Tensor]]
+    fp32_bytes_per_block: float
+
+
+def load_reference(path: Path | None, prompts: list[torch.Tensor], max_new_tokens: int) -> Reference:
+    """The local float32 reference: from ``path`` when it was made for these prompts and token
+    count, else computed (and saved to ``path``, if given)."""
+    key = {"prompts": [p.tolist() for p in prompts], "max_new_tokens": max_new_tokens}
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        if saved["key"] == key:
+            return Reference(saved["expected"], saved["fp32_bytes_per_block"])
+    model_path = resolve_model(BUILTIN_MODEL, default_cache_dir()).path
+    local = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    layers = local.model.layers
+    made = Reference(reference(local, prompts, max_new_tokens), parameter_bytes(layers) / len(layers))
+    if path is not None:
+        saved = {"key": key, "expected": made.expected, "fp32_bytes_per_block": made.fp32_bytes_per_block}
+        torch.save(saved, path)
+    return made
 
 
 def reference(
@@ -109,17 +139,16 @@ def agreement(
 
 
 def measure(
-    variants: list[str], max_new_tokens: int, log_dir: Path | None, questions: tuple[str, ...] = PROMPTS
-) -> list[Agreement]:
+    variants: list[str], max_new_tokens: int, log_dir: Path | None, questions: tuple[str, ...] = PROMPTS,
+    reference_file: Path | None = None,
+) -> list[Agreement]:  # fmt: skip
     path = resolve_model(BUILTIN_MODEL, default_cache_dir()).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [encode_prompt(tokenizer, p, True) for p in questions]
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    expected = reference(local, prompts, max_new_tokens)
-    del local
-    fp32_bytes: float | None = None
+    ref = load_reference(reference_file, prompts, max_new_tokens)
+    expected = ref.expected
     results: list[Agreement] = []
-    for variant in tqdm(["fp32", *variants], desc="variants", file=sys.stderr):
+    for variant in tqdm(variants, desc="variants", file=sys.stderr):
         extra = [*VARIANTS[variant], "--dht_prefix", f"bench-{variant}"]
         servers = start_swarm(BUILTIN_MODEL, SPLIT, extra_args=extra, log_dir=log_dir)
         try:
@@ -133,20 +162,26 @@ def measure(
                 model.manager.shutdown()
         finally:
             stop_all(servers)
-        fp32_bytes = fp32_bytes or per_block
-        results.append(Agreement(variant, per_block, fp32_bytes / per_block, identical, len(prompts), top1))
+        bytes_vs_fp32 = ref.fp32_bytes_per_block / per_block
+        results.append(Agreement(variant, per_block, bytes_vs_fp32, identical, len(prompts), top1))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["bf16", "int8", "nf4"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the fixed prompts")
     parser.add_argument("--log_dir", type=Path, default=None, help="keep the servers' logs here")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    parser.add_argument(
+        "--reference", type=Path, default=None, metavar="FILE",
+        help="keep local float32's answers here and reuse them in later runs (same prompts and tokens)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    results = measure(args.variants, args.max_new_tokens, args.log_dir, PROMPTS[: args.prompts])
+    results = measure(
+        args.variants, args.max_new_tokens, args.log_dir, PROMPTS[: args.prompts], args.reference
+    )
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
         return 0

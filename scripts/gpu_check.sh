@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check here')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 pytest -q -p no:cacheprovider -m gpu -s tests
-python benchmarks/bench_quant.py --variants bf16 int8 nf4
+python benchmarks/bench_quant.py --variants fp32 bf16 int8 nf4
 # the performance table on the GPU (float16): pass --model DIR for a larger model that fits
 python benchmarks/bench_decode.py --device cuda --torch_dtype float16 "$@"

@@ -19,7 +19,7 @@ from corolla.client.verify import VerificationReport
 from corolla.config import ClientConfig, NetworkConfig
 from corolla.errors import MissingBlocks, ServerUnavailable
 from corolla.swarm.auth import bind_swarm_key, load_swarm_key
-from corolla.swarm.dht import add_record_validators, start_dht
+from corolla.swarm.dht import DIAL_TIMEOUT, add_record_validators, dial_announced, start_dht
 from corolla.swarm.registry import fetch_block_records, foreign_records_hint
 from corolla.swarm.spans import ServerSpan, missing_blocks, spans_from_records
 
@@ -58,6 +58,7 @@ class SequenceManager:
         # forward passes' verification (inference sessions keep their own): checks, liars excluded
         self.verification = VerificationReport(config.verify_fraction, config.verify_seed)
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
+        self._dialed: dict[str, float] = {}  # peer -> when we last dialed its announced addresses
         self._spans: list[ServerSpan] = []
         self._updated = 0.0
         self._stop = threading.Event()
@@ -79,12 +80,35 @@ class SequenceManager:
             self._foreign_hint = foreign_records_hint(records, keyed=self.swarm_key is not None)
             self._spans = spans_from_records(records)
             self._updated = time.monotonic()
+            self._dial(self._spans)
         return self._spans
+
+    def _dial(self, spans: list[ServerSpan]) -> None:
+        """Dial servers at the addresses their records announce (again after ``RTT_TTL``, when the
+        P2P daemon may have dropped an idle connection and its addresses), so that calls reach them
+        even where the daemon's own routing does not find them."""
+        now = time.monotonic()
+        due = {
+            s.peer_id: s.info.addrs
+            for s in spans
+            if s.info.addrs and now - self._dialed.get(s.peer_id, -RTT_TTL) >= RTT_TTL
+        }
+        if not due:
+            return
+        self._dialed.update(dict.fromkeys(due, now))
+
+        async def dial_all() -> None:
+            dials = (dial_announced(self.p2p, PeerID.from_base58(peer), addrs) for peer, addrs in due.items())
+            await asyncio.gather(*dials)
+
+        with contextlib.suppress(Exception):
+            self.loop.run(dial_all(), timeout=DIAL_TIMEOUT + 1)
 
     def failed(self, hop: Hop, error: Exception, failures: int) -> str:
         """Ban a server that failed; returns a one-line account for logs and errors. After more
         than ``max_retries`` failures of one request, gives up with ``ServerUnavailable``."""
         seconds = self.bans.ban(hop.peer_id)
+        self._dialed.pop(hop.peer_id, None)  # dial it afresh once it is announced again
         account = (
             f"server ...{hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
             f"banned for {seconds:.0f} s"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,6 +35,9 @@ class ServerInfo(BaseModel):
     max_inference_length: int = Field(ge=0)
     cache_tokens_left: int = Field(ge=0)
     pinned: bool = False  # chose its blocks with --block_indices: never moves when rebalancing
+    # where peers can dial it (multiaddrs without /p2p/), most useful first: a peer that learned of
+    # it only from the DHT hands these to its P2P daemon, which may not find the server otherwise
+    addrs: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = Field(default=(), max_length=16)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

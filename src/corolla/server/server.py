@@ -82,6 +82,7 @@ class Server:
         )
         self.throughput = 0.0
         self.span: Span | None = None
+        self.addrs: tuple[str, ...] = ()  # where peers can dial us, announced in our record
         self.stop = asyncio.Event()
         self.rng = random.Random()
 
@@ -101,6 +102,7 @@ class Server:
         t0 = time.monotonic()
         dht = await asyncio.to_thread(self._join_swarm)
         self.me = dht.peer_id.to_base58()
+        self.addrs = tuple(maddr.rsplit("/p2p/", 1)[0] for maddr in visible_maddrs(dht))[:16]
         try:
             p2p = await dht.replicate_p2p()
             bind_swarm_key(p2p, self.access.swarm_key)  # our calls (pushes, pings) carry proofs
@@ -272,6 +274,7 @@ class Server:
             max_inference_length=self.config.limits.inference_max_length,
             cache_tokens_left=tokens,
             pinned=self.config.block_indices is not None,
+            addrs=self.addrs,
         )
 
     def _announce(self, dht: DHT, state: ServerState, span: Span, *, timeout: float | None = None) -> None:

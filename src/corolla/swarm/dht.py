@@ -7,12 +7,16 @@ innermost, that a value can be decoded at all."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from hivemind import DHT
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import MSGPackSerializer
+from hivemind.utils.multiaddr import Multiaddr
 
 from corolla.config import NetworkConfig
 from corolla.errors import SwarmUnavailable
@@ -21,6 +25,8 @@ from corolla.swarm.identity import ServerIdentity, verifying_validator
 from corolla.swarm.lifeline import forking_dht
 
 logger = logging.getLogger(__name__)
+
+DIAL_TIMEOUT = 3.0  # seconds to dial a peer at its announced addresses
 
 
 class DecodableValidator(RecordValidatorBase):
@@ -116,3 +122,20 @@ def visible_maddrs(dht: DHT) -> list[str]:
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     return sorted(maddrs, key=lambda m: ("/ip4/127." in m or "/ip6/::1/" in m, m))
 
+
+async def dial_announced(
+    p2p: P2P, peer_id: PeerID, addrs: Sequence[str], timeout: float = DIAL_TIMEOUT
+) -> bool:
+    """Dial a peer at the addresses its record announces; whether that worked.
+
+    A peer known only from a DHT record is otherwise found through the P2P daemon's own routing,
+    which can miss it: a server that joined through a bootstrap peer's non-loopback, non-public
+    address (a LAN's, or this machine's 192.0.2.x) is not found there ("routing: not found"), though
+    its address is dialable. Dialing also leaves the addresses in the daemon's peer store."""
+    try:
+        maddrs = [Multiaddr(addr) for addr in addrs]
+        await asyncio.wait_for(p2p._client.connect(peer_id, maddrs), timeout)  # hivemind has no public call
+    except Exception as e:  # a malformed address (anyone may announce one), unreachable, timed out
+        logger.debug("could not dial ...%s at its announced addresses: %s", peer_id.to_base58()[-8:], e)
+        return False
+    return True

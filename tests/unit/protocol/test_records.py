@@ -19,6 +19,7 @@ def make_info(**overrides: Any) -> ServerInfo:
         "public_name": "alice's gpu",
         "max_inference_length": 2048,
         "cache_tokens_left": 512,
+        "addrs": ["/ip4/192.0.2.2/tcp/31337"],
         **overrides,
     }
     return record(2, 5, **values)
@@ -41,6 +42,7 @@ def test_wire_form_is_plain_json_data() -> None:
         "max_inference_length": 2048,
         "cache_tokens_left": 512,
         "pinned": False,
+        "addrs": ["/ip4/192.0.2.2/tcp/31337"],
     }
     assert json.loads(json.dumps(wire)) == wire
 
@@ -56,6 +58,12 @@ def test_round_trip(state: ServerState) -> None:
 def test_unknown_fields_from_newer_peers_are_ignored() -> None:
     wire = {**make_info().to_wire(), "added_in_a_later_release": [1, 2]}
     assert ServerInfo.from_wire(wire) == make_info()
+
+
+def test_records_of_servers_without_addresses_are_read() -> None:
+    wire = make_info().to_wire()
+    del wire["addrs"]  # a server of an earlier release
+    assert ServerInfo.from_wire(wire) == make_info(addrs=())
 
 
 def test_records_are_frozen() -> None:
@@ -98,6 +106,10 @@ def test_missing_record_version_is_none() -> None:
         ("cache_tokens_left", -3),
         ("torch_dtype", None),
         ("version", 1.5),
+        ("addrs", "/ip4/192.0.2.2/tcp/31337"),
+        ("addrs", [""]),
+        ("addrs", ["/ip4/192.0.2.2/tcp/1" + "1" * 256]),
+        ("addrs", [f"/ip4/192.0.2.2/tcp/{port}" for port in range(17)]),
     ],
 )
 def test_malformed_fields_are_none(field: str, value: object) -> None:

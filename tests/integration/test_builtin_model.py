@@ -64,22 +64,6 @@ def test_generate_answers_paris_with_the_local_token_ids(
     assert answer["token_ids"] == expected[0, prompt_ids.shape[1] :].tolist()
 
 
-def test_generate_streams_the_answer_to_the_terminal(two_servers: list[LocalServer]) -> None:
-    result = corolla(
-        "generate", QUESTION, "--initial_peers", two_servers[0].maddr or "", "--max_new_tokens", "24"
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
-    assert "Traceback" not in result.stderr
-
-
-def test_demo_runs_a_private_swarm_and_prints_the_route(builtin_dir: Path) -> None:
-    result = corolla("demo", "--max_new_tokens", "24")
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
-    assert "blocks  0:15" in result.stdout and "blocks 15:30" in result.stdout
-
-
 def test_the_prompt_tuning_example_trains_through_the_swarm(two_servers: list[LocalServer]) -> None:
     example = Path(__file__).parents[2] / "examples" / "prompt_tuning.py"
     result = subprocess.run(

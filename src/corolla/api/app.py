@@ -1,7 +1,8 @@
 """``create_app(engine)``: the OpenAI-compatible API, the swarm view and the web page, as a FastAPI app.
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream``:
-server-sent events), ``GET /api/swarm``, ``GET /metrics``, ``GET /`` and ``/static/…``. Every error
+Routes: ``GET /v1/models`` and ``/v1/models/{id}``, ``POST /v1/chat/completions``, ``POST
+/v1/completions`` (``stream``: server-sent events), ``GET /api/swarm``, ``GET /metrics``, ``GET /``
+and ``/static/…``. Every error
 is OpenAI's ``{"error": {...}}`` with one line of message: 400 for a bad request (validation too,
 never FastAPI's 422), 503 when the swarm cannot serve the model, 502 when a server failed."""
 
@@ -48,15 +49,23 @@ def create_app(engine: Backend, *, metrics: ApiMetrics | None = None) -> FastAPI
         cards = [ModelCard(id=engine.model_id, created=created)] if complete else []
         return ModelList(data=cards).model_dump()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        """This API's model (under any name requests may call it); 404 ``model_not_found`` else."""
+        if model_id not in engine.names:
+            error = unknown_model(model_id, [engine.model_id])
+            return _error_response(ApiError(404, str(error), "invalid_request_error", "model", error.code))
+        return JSONResponse(ModelCard(id=engine.model_id, created=created).model_dump())
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        _check_model(engine, body.model)
+        _check_model(engine, body)
         prompt_ids = engine.encode_chat([m.as_template_message() for m in body.messages])
         return await _answer(request, engine, metrics, body, prompt_ids, ChatFormat(body.model))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        _check_model(engine, body.model)
+        _check_model(engine, body)
         prompt_ids = engine.encode_text(body.prompt_text())
         return await _answer(request, engine, metrics, body, prompt_ids, TextFormat(body.model))
 
@@ -77,9 +86,12 @@ def create_app(engine: Backend, *, metrics: ApiMetrics | None = None) -> FastAPI
     return app
 
 
-def _check_model(engine: Backend, name: str) -> None:
-    if name not in engine.names:
-        raise unknown_model(name, [engine.model_id])
+def _check_model(engine: Backend, body: ChatCompletionRequest | CompletionRequest) -> None:
+    """The request names this API's model and asks only for what this server can honour."""
+    if body.model not in engine.names:
+        raise unknown_model(body.model, [engine.model_id])
+    if (field := body.refused()) is not None:
+        raise InvalidRequest(field.message, param=field.param, code="unsupported_parameter")
 
 
 async def _answer(request: Request, engine: Backend, metrics: ApiMetrics,

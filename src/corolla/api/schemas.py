@@ -1,14 +1,17 @@
 """The OpenAI request and response shapes the API speaks (pydantic), and ``SamplingParams``.
 
-Requests ignore fields they do not know (``user``, ``presence_penalty``…), as OpenAI-compatible
-servers do; values they do know are checked here, so a bad one becomes a 400 in OpenAI's error
-shape. Every response (and the last streamed chunk) carries a non-standard ``route``: the
-servers the answer went through."""
+No field is silently ignored: a field this server implements is checked here (a bad value is a 400
+in OpenAI's error shape); one of OpenAI's that changes nothing in the answer (``user``, ``store``…)
+is accepted; one it does not implement is accepted only at its neutral value (``tools: []``,
+``response_format: {"type": "text"}``…) and refused otherwise, and an unknown field is refused,
+each by ``unsupported_field()`` naming the field, as OpenAI does. Every response (and the last
+streamed chunk) carries a non-standard ``route``: the servers the answer went through."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,10 +34,71 @@ class SamplingParams:
 # ---------------------------------------------------------------- requests
 
 
+# OpenAI's request fields that change nothing in the answer: accepted, not used
+NEUTRAL_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "stream_options",
+     "parallel_tool_calls"}
+)  # fmt: skip
+# OpenAI's fields this server does not implement -> whether a value is their neutral one (accepted)
+NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
+    "frequency_penalty": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),  # without tools, "auto" calls none
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v is None,
+    "echo": lambda v: v is None or v is False,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: v in (None, ""),
+}
+MESSAGE_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
+    "name": lambda v: v is None,
+    "tool_calls": lambda v: not v,
+    "function_call": lambda v: v is None,
+    "refusal": lambda v: v is None,
+    "audio": lambda v: v is None,
+}
+
+
+def unsupported_field(
+    extra: dict[str, Any] | None, not_implemented: dict[str, Callable[[Any], bool]], where: str = ""
+) -> InvalidField | None:
+    """The first field of ``extra`` (what a request carried beyond the declared fields) that this
+    server cannot honour: unknown, or not implemented and set to a value that would change the
+    answer; ``None`` when all of them can be accepted."""
+    for name, value in (extra or {}).items():
+        if name in NEUTRAL_FIELDS and not where:
+            continue
+        if name in not_implemented:
+            if not_implemented[name](value):
+                continue
+            return InvalidField(f"{where}{name}", f"{where}{name}: not supported by this server")
+        return InvalidField(f"{where}{name}", f"unrecognized request argument supplied: {where}{name}")
+    return None
+
+
+@dataclass(frozen=True)
+class InvalidField:
+    """A request field that is refused (400), with the one-line reason."""
+
+    param: str
+    message: str
+
+
 class _Request(BaseModel):
     """What chat and text completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # what is beyond the declared fields: unsupported_field()
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -59,6 +123,10 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
         return stop
 
+    def refused(self) -> InvalidField | None:
+        """The first field this request carries that this server cannot honour, if any."""
+        return unsupported_field(self.model_extra, NOT_IMPLEMENTED)
+
     def sampling(self) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -82,7 +150,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One turn of a conversation (``developer`` is OpenAI's newer name for ``system``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # checked by ChatCompletionRequest.refused()
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
@@ -102,6 +170,12 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+
+    def refused(self) -> InvalidField | None:
+        for i, message in enumerate(self.messages):
+            if found := unsupported_field(message.model_extra, MESSAGE_NOT_IMPLEMENTED, f"messages.{i}."):
+                return found
+        return super().refused()
 
     def sampling(self) -> SamplingParams:
         params = super().sampling()

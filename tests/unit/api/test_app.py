@@ -98,6 +98,36 @@ def test_unknown_model_is_400_naming_the_available_one(engine: FakeEngine) -> No
     assert error["code"] == "model_not_found" and "'fake-model'" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code"),
+    [
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+        ("/v1/chat/completions", {**CHAT, "frobnicate": 1}, "frobnicate", "unsupported_parameter"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi", "name": "x"}]},
+         "messages.0.name", "unsupported_parameter"),
+        ("/v1/completions", {"model": "fake-model", "prompt": "a", "suffix": "z"}, "suffix",
+         "unsupported_parameter"),
+    ],
+)  # fmt: skip
+def test_fields_this_server_cannot_honour_are_400_naming_them(
+    engine: FakeEngine, path: str, body: dict[str, object], param: str, code: str
+) -> None:
+    for stream in (False, True):
+        response = client_for(engine).post(path, json={**body, "stream": stream})
+        error = assert_error(response, 400, "invalid_request_error", param)
+        assert error["code"] == code and param in error["message"]
+    assert engine.params == []  # nothing was generated
+
+
+def test_a_model_is_retrieved_by_any_of_its_names(engine: FakeEngine) -> None:
+    client = client_for(engine)
+    for name in ("fake-model", "fake-alias"):
+        card = client.get(f"/v1/models/{name}").json()
+        assert (card["id"], card["object"], card["owned_by"]) == ("fake-model", "model", "corolla")
+    error = assert_error(client.get("/v1/models/org/gpt-4"), 404, "invalid_request_error", "model")
+    assert error["code"] == "model_not_found" and "'org/gpt-4'" in error["message"]
+
+
 def test_malformed_bodies_are_400(engine: FakeEngine) -> None:
     client = client_for(engine)
     bad_json = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
@@ -118,7 +148,7 @@ def test_missing_blocks_are_503_streamed_or_not() -> None:
 
 def test_a_failing_server_is_502_and_a_bug_is_500() -> None:
     failing = client_for(FakeEngine(error=RemoteError("server ...x: boom")))
-    assert_error(failing.post("/v1/completions", json={**CHAT, "prompt": "a"}), 502, "server_error")
+    assert_error(failing.post("/v1/completions", json={"model": "fake-model", "prompt": "a"}), 502, "server_error")
     buggy = client_for(FakeEngine(error=ZeroDivisionError("oops")))
     error = assert_error(buggy.post("/v1/chat/completions", json=CHAT), 500, "server_error")
     assert error["message"] == "internal error: ZeroDivisionError: oops"

@@ -36,9 +36,10 @@ def test_stop_as_a_string_or_a_list() -> None:
     assert chat(stop=["a", "bc", "a", ""]).sampling().stop == ("a", "bc")  # repeats and empties dropped
 
 
-def test_known_fields_are_carried_and_unknown_ones_ignored() -> None:
-    params = chat(max_tokens=7, temperature=0, top_p=0.5, seed=3, user="me", presence_penalty=0.1).sampling()
-    assert params == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, seed=3)
+def test_known_fields_are_carried_and_neutral_ones_accepted() -> None:
+    request = chat(max_tokens=7, temperature=0, top_p=0.5, seed=3, user="me", store=False, presence_penalty=0)
+    assert request.sampling() == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, seed=3)
+    assert request.refused() is None
     assert chat(max_completion_tokens=9).sampling().max_tokens == 9
     assert chat(max_completion_tokens=9, max_tokens=4).sampling().max_tokens == 4
 
@@ -98,3 +99,47 @@ def test_completion_prompt_is_one_text() -> None:
     assert CompletionRequest.model_validate({"model": "m", "prompt": ["Hi"]}).prompt_text() == "Hi"
     param, message = rejection(CompletionRequest, {"model": "m", "prompt": ["a", "b"]})
     assert param == "prompt" and "exactly one prompt" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("logit_bias", {"42": 100}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("modalities", ["text", "audio"]),
+        ("reasoning_effort", "high"),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_by_name(field: str, value: object) -> None:
+    refused = chat(**{field: value}).refused()
+    assert refused is not None and refused.param == field
+    assert refused.message == f"{field}: not supported by this server"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("tools", []), ("tool_choice", "none"), ("response_format", {"type": "text"}), ("logit_bias", {}),
+     ("frequency_penalty", 0), ("modalities", ["text"]), ("stream_options", {"include_usage": True})],
+)  # fmt: skip
+def test_not_implemented_fields_at_their_neutral_value_are_accepted(field: str, value: object) -> None:
+    assert chat(**{field: value}).refused() is None
+
+
+def test_unknown_fields_are_refused_as_openai_does() -> None:
+    refused = chat(temprature=0).refused()
+    assert refused is not None and refused.param == "temprature"
+    assert refused.message == "unrecognized request argument supplied: temprature"
+    text = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "best_of": 3, "echo": True})
+    assert (refused := text.refused()) is not None and refused.param == "best_of"
+
+
+def test_message_fields_that_would_change_the_answer_are_refused() -> None:
+    named = chat(messages=[{"role": "user", "content": "Hi", "name": "bob"}]).refused()
+    assert named is not None and named.param == "messages.0.name"
+    calls = chat(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [{}]}])
+    assert (refused := calls.refused()) is not None and refused.param == "messages.1.tool_calls"
+    assert chat(messages=[{"role": "assistant", "content": "Hi", "refusal": None}]).refused() is None

@@ -72,7 +72,10 @@ class Server:
             swarm_key=load_swarm_key(config.network.swarm_key),
             allowed_peers=load_allowed_peers(config.allowed_peers),
         )
-        self.identity = ServerIdentity.load_or_create(config.network.identity_path)  # signs our records
+        # signs our records; without --identity_path a fresh one, made just before the DHT starts
+        # (its temporary file lives only until the daemon has read it)
+        path = config.network.identity_path
+        self.identity: ServerIdentity | None = ServerIdentity.load_or_create(path) if path else None
         self.handler = Handler(
             config.limits,
             dht_prefix=self.dht_prefix,
@@ -127,6 +130,11 @@ class Server:
 
     # --- start-up -----------------------------------------------------------------------------
 
+    def signer(self) -> ServerIdentity:
+        """The identity our records are signed with (set once the DHT peer has started)."""
+        assert self.identity is not None, "records are announced only after joining the DHT"
+        return self.identity
+
     def _join_swarm(self) -> DHT:
         network = self.config.network
         if network.initial_peers:
@@ -140,6 +148,8 @@ class Server:
             )
         for line in describe(self.access, self.config.allowed_peers):
             logger.info("%s", line)
+        if self.identity is None:
+            self.identity = ServerIdentity.load_or_create(None)
         dht = start_dht(network, num_workers=max(4, self.model_blocks), identity=self.identity)
         logger.info("joined the DHT as peer %s", dht.peer_id.to_base58())
         return dht
@@ -281,7 +291,7 @@ class Server:
         kwargs = {} if timeout is None else {"timeout": timeout}
         announce(
             dht, self.dht_prefix, self._record(state, span), self.config.record_expiration,
-            identity=self.identity, **kwargs,
+            identity=self.signer(), **kwargs,
         )  # fmt: skip
         logger.info("announced blocks %d:%d as %s", *span, state.name)
 
@@ -294,7 +304,7 @@ class Server:
                 record = self._record(ServerState.ONLINE, self.span)
                 await asyncio.to_thread(
                     announce, dht, self.dht_prefix, record, self.config.record_expiration,
-                    identity=self.identity,
+                    identity=self.signer(),
                 )  # fmt: skip
             except Exception as e:  # the DHT may be briefly unreachable; try again next period
                 logger.warning("re-announcement failed: %s", e)

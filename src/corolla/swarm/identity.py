@@ -28,6 +28,7 @@ An ``--identity_path`` holding another kind of key (Ed25519) is refused: it cann
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -105,7 +106,9 @@ class ServerIdentity:
             directory = tempfile.mkdtemp(prefix="corolla-identity-")
             path = os.path.join(directory, "identity.key")
             P2P.generate_identity(path)
-            return cls(_read_rsa_identity(path), path, temporary=True)
+            identity = cls(_read_rsa_identity(path), path, temporary=True)
+            atexit.register(identity.discard)  # also when the server exits before its daemon starts
+            return identity
         if not os.path.exists(identity_path):
             try:
                 P2P.generate_identity(identity_path)

@@ -215,6 +215,66 @@ def test_text_completion_equals_local_greedy(
     assert answer.usage.completion_tokens == len(new)
 
 
+def local_logprobs(local: tuple[Any, Any], ids: list[int]) -> torch.Tensor:
+    """Local transformers' log-probabilities at every position of ``ids`` (float32)."""
+    with torch.no_grad():
+        return torch.log_softmax(local[1](torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_chat_logprobs_equal_local_transformers(
+    client: openai.OpenAI, model_dir: Path, local: tuple[Any, Any]
+) -> None:
+    """Each generated token's log-probability and the top 5 in its place, whole and streamed."""
+    ids = chat_ids(local[0], QUESTION)
+    _, new = local_greedy(local, ids, 6)
+    expected = local_logprobs(local, ids + new)[len(ids) - 1 : -1]  # the positions that chose `new`
+    vocabulary = [local[0].decode([i]) for i in range(expected.shape[-1])]
+    answer = ask(client, str(model_dir), max_tokens=6, temperature=0, logprobs=True, top_logprobs=5)
+    chunks = list(ask(client, str(model_dir), max_tokens=6, temperature=0, logprobs=True, top_logprobs=5,
+                      stream=True))  # fmt: skip
+    scored_chunks = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    streamed = [entry for scored in scored_chunks for entry in scored.content]
+    for content in (answer.choices[0].logprobs.content, streamed):
+        assert len(content) == len(new)
+        for entry, token, row in zip(content, new, expected, strict=True):
+            assert entry.token == local[0].decode([token])
+            assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+            assert entry.bytes == list(entry.token.encode())
+            # the 5 most likely, best first, as local says (compared by value: near-ties may swap)
+            values = row.topk(5).values.tolist()
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values, abs=1e-4)
+            for alternative in entry.top_logprobs:  # each names a token with that log-probability
+                ids_of = [i for i, text in enumerate(vocabulary) if text == alternative.token]
+                assert any(abs(float(row[i]) - alternative.logprob) < 1e-4 for i in ids_of), alternative
+    plain = ask(client, str(model_dir), max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_echo_scores_the_prompt_as_lm_evaluation_harness_asks(
+    client: openai.OpenAI, model_dir: Path, local: tuple[Any, Any]
+) -> None:
+    """Token ids in, ``echo`` with ``logprobs=1`` and no new token: the prompt's log-probabilities
+    (the first token has none), each with the most likely token in its place."""
+    ids = local[0]("The capital of France is Paris").input_ids
+    expected = local_logprobs(local, ids)
+    answer = client.completions.create(
+        model=str(model_dir), prompt=[ids], max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    scored = answer.choices[0].logprobs
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == 0
+    assert scored.tokens == [local[0].decode([i]) for i in ids]
+    assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert scored.token_logprobs[i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
+        best = int(expected[i - 1].argmax())
+        assert scored.top_logprobs[i][local[0].decode([best])] == pytest.approx(
+            float(expected[i - 1, best]), abs=1e-4
+        )
+    assert answer.choices[0].text == local[0].decode(ids, skip_special_tokens=True)
+    more = client.completions.create(model=str(model_dir), prompt=ids, max_tokens=3, echo=True, temperature=0)
+    assert more.choices[0].text.startswith(answer.choices[0].text) and more.usage.completion_tokens == 3
+
+
 def test_models_list_the_model_while_the_swarm_covers_it(client: openai.OpenAI, model_dir: Path) -> None:
     ids = wait_for(lambda: [m.id for m in client.models.list()], lambda ids: bool(ids))
     assert ids == [str(model_dir)]

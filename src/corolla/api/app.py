@@ -61,13 +61,15 @@ def create_app(engine: Backend, *, metrics: ApiMetrics | None = None) -> FastAPI
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(engine, body)
         prompt_ids = engine.encode_chat([m.as_template_message() for m in body.messages])
-        return await _answer(request, engine, metrics, body, prompt_ids, ChatFormat(body.model))
+        fmt = ChatFormat(body.model, logprobs=bool(body.logprobs))
+        return await _answer(request, engine, metrics, body, prompt_ids, fmt)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(engine, body)
-        prompt_ids = engine.encode_text(body.prompt_text())
-        return await _answer(request, engine, metrics, body, prompt_ids, TextFormat(body.model))
+        prompt_ids = engine.encode_text(body.the_prompt())
+        fmt = TextFormat(body.model, logprobs=body.logprobs is not None)
+        return await _answer(request, engine, metrics, body, prompt_ids, fmt)
 
     @app.get("/api/swarm")
     async def swarm() -> dict[str, Any]:
@@ -105,13 +107,13 @@ async def _answer(request: Request, engine: Backend, metrics: ApiMetrics,
             if body.stream:
                 first = await live.next()
                 return EventStreamResponse(event_stream(first, live, fmt), on_close=live.cancel)
-            text, finished = await live.collect()
+            whole, finished = await live.collect()
     except BaseException:  # failed, or the request was cancelled: stop generating
         live.cancel()
         raise
     if await request.is_disconnected():
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the metrics tell
-    return JSONResponse(fmt.whole(text, finished))
+    return JSONResponse(fmt.whole(whole, finished))
 
 
 def _error_response(error: ApiError) -> JSONResponse:

@@ -2,7 +2,8 @@
 
 Each request generates in its own thread, inside its own inference session (sessions are per
 thread), so concurrent requests are served concurrently. The worker reports through ``emit``:
-text increments (``str``), then one ``Finished`` — or the exception that ended it. Stop strings,
+text increments (``Piece``: text, with its tokens' log-probabilities when asked for), then one
+``Finished`` — or the exception that ended it. Stop strings,
 cancellation and incremental decoding happen in a ``StoppingCriteria`` that transformers calls
 once per new token, before the next step is sent to the swarm, so a stop string or a cancel costs
 no extra step, and leaving the session closes it on the servers."""
@@ -43,7 +44,26 @@ class Finished:
     route: tuple[Hop, ...]
 
 
-Event = str | Finished | Exception
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the model and the most likely tokens in its place
+    (``logprob`` and ``top`` are ``None`` for a prompt's first token: nothing predicts it)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None = ()  # (token, log-probability), most likely first
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A text increment, with the log-probabilities of the tokens it completes (when asked for)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+Event = Piece | Finished | Exception
 Emit = Callable[[Event], None]
 
 
@@ -54,7 +74,7 @@ class Backend(Protocol):
     names: tuple[str, ...]  # what requests may call the model
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
-    def encode_text(self, prompt: str) -> list[int]: ...
+    def encode_text(self, prompt: str | list[int]) -> list[int]: ...
     def start(self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event,
               emit: Emit) -> threading.Thread: ...  # fmt: skip
     def serves_all_blocks(self) -> bool: ...
@@ -114,24 +134,53 @@ class Sampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)  # type: ignore[return-value]
 
 
+class LogprobRecorder(LogitsProcessor):
+    """Keeps the log-probabilities of the step being generated (the model's distribution, before
+    temperature and top-p), for ``Progress`` to read once the step's token is known."""
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+
+def token_logprob(
+    logprobs: torch.Tensor, token_id: int, top: int, token_text: Callable[[list[int]], list[str]]
+) -> TokenLogprob:
+    """``token_id``'s entry from one position's log-probabilities, with the ``top`` most likely."""
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], torch.zeros(0, dtype=torch.long))
+    texts = token_text([token_id, *ids.tolist()])
+    alternatives = tuple(zip(texts[1:], values.tolist(), strict=True))
+    return TokenLogprob(token_id, texts[0], float(logprobs[token_id]), alternatives)
+
+
 class Progress(StoppingCriteria):
-    """Called by transformers once per new token: decodes it, emits the text that is safe to send,
-    and stops generation at a stop string or when the request is cancelled."""
+    """Called by transformers once per new token: decodes it, emits the text that is safe to send
+    (with the log-probabilities of its tokens, when a ``recorder`` keeps them), and stops
+    generation at a stop string or when the request is cancelled."""
 
     def __init__(
         self, prompt_tokens: int, decode: Callable[[list[int]], str], stops: Sequence[str],
-        cancelled: threading.Event, emit: Emit,
+        cancelled: threading.Event, emit: Emit, *, recorder: LogprobRecorder | None = None,
+        top_logprobs: int = 0, token_text: Callable[[list[int]], list[str]] | None = None,
     ) -> None:  # fmt: skip
         self.prompt_tokens, self.cancelled, self.emit = prompt_tokens, cancelled, emit
         self.decoder = IncrementalDecoder(decode)
         self.scanner = StopScanner(stops)
         self.tokens: list[int] = []
+        self.recorder, self.top_logprobs, self.token_text = recorder, top_logprobs, token_text
+        self.pending: list[TokenLogprob] = []  # scored tokens whose text is not sent yet
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> torch.BoolTensor:
         for token in input_ids[0, self.prompt_tokens + len(self.tokens) :].tolist():
             self.tokens.append(token)
+            if self.recorder is not None and self.recorder.last is not None and self.token_text is not None:
+                scored = token_logprob(self.recorder.last, token, self.top_logprobs, self.token_text)
+                self.pending.append(scored)
             self._send(self.scanner.feed(self.decoder.push(token)))
             if self.scanner.stopped:
                 break
@@ -142,11 +191,12 @@ class Progress(StoppingCriteria):
 
     def finish(self) -> None:
         """Release what was held back (an incomplete character, a possible stop-string prefix)."""
-        self._send(self.scanner.feed(self.decoder.flush(), final=True))
+        self._send(self.scanner.feed(self.decoder.flush(), final=True), final=True)
 
-    def _send(self, text: str) -> None:
-        if text:
-            self.emit(text)
+    def _send(self, text: str, *, final: bool = False) -> None:
+        if text or (final and self.pending):
+            self.emit(Piece(text, tuple(self.pending)))
+            self.pending.clear()
 
 
 # ---------------------------------------------------------------- the engine
@@ -204,13 +254,36 @@ class Engine:
         with self._tokenizer_lock:
             return encode_chat(self.tokenizer, messages)
 
-    def encode_text(self, prompt: str) -> list[int]:
+    def encode_text(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt's token ids; a prompt given as token ids, checked against the vocabulary."""
+        if not isinstance(prompt, str):
+            vocab = int(self.model.config.vocab_size)
+            if bad := [i for i in prompt if not 0 <= i < vocab]:
+                raise InvalidRequest(f"prompt: token id {bad[0]} is not in the vocabulary (0..{vocab - 1})",
+                                     param="prompt")  # fmt: skip
+            return list(prompt)
         with self._tokenizer_lock:
             return encode_text(self.tokenizer, prompt)
 
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _token_text(self, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens included), as log-probabilities name them."""
+        with self._tokenizer_lock:
+            return [str(self.tokenizer.decode([i])) for i in ids]
+
+    def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob]:
+        """Every prompt token's log-probability given the tokens before it (one forward pass of the
+        whole prompt through the swarm), with the ``top`` most likely tokens in its place."""
+        with torch.no_grad():
+            logits = self.model(torch.tensor([prompt_ids], dtype=torch.long)).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        first = TokenLogprob(prompt_ids[0], self._token_text(prompt_ids[:1])[0], None, None)
+        text = self._token_text
+        rest = (token_logprob(logprobs[i - 1], prompt_ids[i], top, text) for i in range(1, len(prompt_ids)))
+        return [first, *rest]
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -227,8 +300,8 @@ class Engine:
         return thread
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 cancelled: threading.Event | None = None) -> Iterator[str | Finished]:  # fmt: skip
-        """Blocking form of ``start``: text increments, then the ``Finished``; raises what failed.
+                 cancelled: threading.Event | None = None) -> Iterator[Piece | Finished]:  # fmt: skip
+        """Blocking form of ``start``: ``Piece``s, then the ``Finished``; raises what failed.
         Leaving the loop early cancels the generation."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         cancelled = cancelled or threading.Event()
@@ -256,16 +329,27 @@ class Engine:
     def _generate(self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event,
                   emit: Emit) -> Finished:  # fmt: skip
         limit = context_limit(self.manager.spans(), self.manager.num_blocks, self.max_positions)
+        if params.echo:  # the prompt first, with its tokens' log-probabilities when asked for
+            top = params.logprobs
+            scored = () if top is None else tuple(self.prompt_logprobs(prompt_ids, top))
+            emit(Piece(self._decode(prompt_ids), scored))
+            if params.max_tokens == 0:  # scoring only
+                return Finished("length", len(prompt_ids), 0, ())
         max_tokens = plan_max_tokens(params.max_tokens, len(prompt_ids), limit)
-        progress = Progress(len(prompt_ids), self._decode, params.stop, cancelled, emit)
+        recorder = None if params.logprobs is None else LogprobRecorder()
+        progress = Progress(
+            len(prompt_ids), self._decode, params.stop, cancelled, emit,
+            recorder=recorder, top_logprobs=params.logprobs or 0, token_text=self._token_text,
+        )  # fmt: skip
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_tokens,
             "do_sample": False,  # sampling, when asked for, is the Sampler's: reproducible per request
             "stopping_criteria": StoppingCriteriaList([progress]),
             "pad_token_id": self.pad_id,
         }
-        if params.temperature > 0:
-            kwargs["logits_processor"] = LogitsProcessorList([Sampler(params)])
+        processors = [p for p in (recorder, Sampler(params) if params.temperature > 0 else None) if p]
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long)
         with torch.no_grad(), self.model.inference_session(len(prompt_ids) + max_tokens) as session:
             self.model.generate(input_ids, **kwargs)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_TOP_LOGPROBS_CHAT = 20  # as OpenAI: top_logprobs of chat completions
+MAX_LOGPROBS_TEXT = 5  # as OpenAI: logprobs of (legacy) completions
 FinishReason = Literal["stop", "length"]
 
 
@@ -29,6 +31,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely
+    echo: bool = False  # the prompt first (with its log-probabilities when logprobs is set)
 
 
 # ---------------------------------------------------------------- requests
@@ -55,9 +59,6 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "web_search_options": lambda v: v is None,
     "reasoning_effort": lambda v: v is None,
     "verbosity": lambda v: v is None,
-    "logprobs": lambda v: v is None or v is False,
-    "top_logprobs": lambda v: v is None,
-    "echo": lambda v: v is None or v is False,
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v in (None, ""),
 }
@@ -101,7 +102,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # what is beyond the declared fields: unsupported_field()
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: completions with echo only (refused())
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -170,34 +171,59 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
 
     def refused(self) -> InvalidField | None:
         for i, message in enumerate(self.messages):
             if found := unsupported_field(message.model_extra, MESSAGE_NOT_IMPLEMENTED, f"messages.{i}."):
                 return found
+        if self.max_tokens == 0:
+            return InvalidField("max_tokens", "max_tokens: must be at least 1")
+        if self.top_logprobs is not None and not self.logprobs:
+            return InvalidField("top_logprobs", "top_logprobs: needs logprobs: true")
         return super().refused()
 
     def sampling(self) -> SamplingParams:
         params = super().sampling()
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            return SamplingParams(**{**params.__dict__, "max_tokens": self.max_completion_tokens})
-        return params
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_completion_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return SamplingParams(**{**params.__dict__, "max_tokens": max_tokens, "logprobs": logprobs})
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``: one text prompt (a list holding one prompt is accepted too)."""
+    """``POST /v1/completions``: one prompt, as text or token ids (a list holding one is accepted
+    too). ``max_tokens=0`` with ``echo`` scores the prompt without generating."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS_TEXT)
+    echo: bool | None = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return prompt  # one prompt as token ids
         if isinstance(prompt, list) and len(prompt) != 1:
             raise ValueError(f"exactly one prompt is supported, got a list of {len(prompt)}")
+        if not (prompt if isinstance(prompt, str) else prompt and prompt[0]):
+            raise ValueError("the prompt is empty")
         return prompt
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def refused(self) -> InvalidField | None:
+        if self.max_tokens == 0 and not self.echo:
+            return InvalidField("max_tokens", "max_tokens: 0 is allowed only with echo (scoring the prompt)")
+        return super().refused()
+
+    def the_prompt(self) -> str | list[int]:
+        """The one prompt: text, or token ids."""
+        if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int):
+            return self.prompt[0]  # a list holding one prompt
+        return self.prompt  # type: ignore[return-value]
+
+    def sampling(self) -> SamplingParams:
+        params = super().sampling()
+        return SamplingParams(**{**params.__dict__, "logprobs": self.logprobs, "echo": bool(self.echo)})
 
 
 # ---------------------------------------------------------------- responses
@@ -230,11 +256,40 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """A token and its log-probability (chat's shape); ``bytes``: its UTF-8 encoding."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's (or chunk's) ``logprobs``: one entry per generated token."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class TextLogprobs(BaseModel):
+    """A text completion's ``logprobs`` (OpenAI's legacy shape): parallel lists, one item per token;
+    a prompt's first token (with ``echo``) has ``None`` for its log-probability and alternatives."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -256,7 +311,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -273,7 +328,7 @@ class TextChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class TextCompletion(BaseModel):

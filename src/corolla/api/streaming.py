@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from corolla.api.engine import Backend, Event, Finished
+from corolla.api.engine import Backend, Event, Finished, Piece
 from corolla.api.errors import api_error
 from corolla.api.formats import DONE, ResponseFormat, sse
 from corolla.api.metrics import ApiMetrics
@@ -48,7 +48,7 @@ class LiveGeneration:
 
     def _deliver(self, event: Event) -> None:
         """On the loop: count what was generated (even when nobody reads it any more), queue it."""
-        if self._waiting_first and isinstance(event, str | Finished):
+        if self._waiting_first and isinstance(event, Piece | Finished):
             self._waiting_first = False
             self.metrics.first_token.observe(time.perf_counter() - self._started)
         if isinstance(event, Finished):
@@ -56,19 +56,20 @@ class LiveGeneration:
             self.metrics.completion_tokens.inc(event.completion_tokens)
         self._queue.put_nowait(event)
 
-    async def next(self) -> str | Finished:
+    async def next(self) -> Piece | Finished:
         """The next text increment or the ``Finished``; raises what ended the generation."""
         event = await self._queue.get()
         if isinstance(event, Exception):
             raise event
         return event
 
-    async def collect(self) -> tuple[str, Finished]:
-        """The whole text and the ``Finished``."""
-        parts: list[str] = []
+    async def collect(self) -> tuple[Piece, Finished]:
+        """The whole text (with all its tokens' log-probabilities) and the ``Finished``."""
+        parts: list[Piece] = []
         while not isinstance(event := await self.next(), Finished):
             parts.append(event)
-        return "".join(parts), event
+        whole = Piece("".join(p.text for p in parts), tuple(s for p in parts for s in p.logprobs))
+        return whole, event
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -91,7 +92,7 @@ async def watching_disconnect(request: Request, live: LiveGeneration) -> AsyncIt
 
 
 async def event_stream(
-    first: str | Finished, live: LiveGeneration, fmt: ResponseFormat
+    first: Piece | Finished, live: LiveGeneration, fmt: ResponseFormat
 ) -> AsyncIterator[str]:
     """Server-sent events: the opening chunk, one chunk per text increment, the closing chunk (with
     ``usage`` and ``route``), ``[DONE]``. A failure mid-stream is sent as an error event."""

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from corolla.api.engine import Emit, Finished
+from corolla.api.engine import Emit, Finished, Piece, TokenLogprob
 from corolla.api.schemas import SamplingParams
 from corolla.client.routing import Hop
 
@@ -35,8 +35,8 @@ class FakeEngine:
         self.messages.append(messages)
         return [1, 2, 3, 4]
 
-    def encode_text(self, prompt: str) -> list[int]:
-        return list(range(len(prompt.split())))
+    def encode_text(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else list(range(len(prompt.split())))
 
     def start(
         self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event, emit: Emit
@@ -48,8 +48,9 @@ class FakeEngine:
             if self.error is not None:
                 emit(self.error)
             else:
-                for piece in self.pieces:
-                    emit(piece)
+                for i, piece in enumerate(self.pieces):
+                    scored = () if params.logprobs is None else (fake_logprob(i, params.logprobs),)
+                    emit(Piece(piece, scored))
                 emit(Finished("length", len(prompt_ids), len(self.pieces), ROUTE))
             self.done.set()
 
@@ -62,3 +63,9 @@ class FakeEngine:
 
     def swarm(self) -> dict[str, Any]:
         return {"model": self.model_id, "num_blocks": 4, "servers": [], "complete": self.complete}
+
+
+def fake_logprob(i: int, top: int) -> TokenLogprob:
+    """The i-th piece's one token: log-probability -0.5 * (i + 1), its ``top`` alternatives below."""
+    alternatives = tuple((f"alt{k}", -0.5 * (i + 1) - k - 1) for k in range(top))
+    return TokenLogprob(i, f"tok{i}", -0.5 * (i + 1), alternatives)

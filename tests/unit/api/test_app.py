@@ -148,7 +148,8 @@ def test_missing_blocks_are_503_streamed_or_not() -> None:
 
 def test_a_failing_server_is_502_and_a_bug_is_500() -> None:
     failing = client_for(FakeEngine(error=RemoteError("server ...x: boom")))
-    assert_error(failing.post("/v1/completions", json={"model": "fake-model", "prompt": "a"}), 502, "server_error")
+    text = {"model": "fake-model", "prompt": "a"}
+    assert_error(failing.post("/v1/completions", json=text), 502, "server_error")
     buggy = client_for(FakeEngine(error=ZeroDivisionError("oops")))
     error = assert_error(buggy.post("/v1/chat/completions", json=CHAT), 500, "server_error")
     assert error["message"] == "internal error: ZeroDivisionError: oops"

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from corolla.api.engine import Progress, Sampler, context_limit, plan_max_tokens
+from corolla.api.engine import LogprobRecorder, Progress, Sampler, context_limit, plan_max_tokens
 from corolla.api.errors import InvalidRequest
 from corolla.api.schemas import DEFAULT_MAX_TOKENS, SamplingParams
 from corolla.protocol.records import ServerInfo, ServerState
@@ -84,7 +84,9 @@ def run_progress(
 ) -> tuple[list[bool], list[str], Progress]:
     """Feed ``tokens`` as generate would (the growing sequence after a 3-token prompt)."""
     cancelled, sent = threading.Event(), []
-    progress = Progress(3, lambda ids: "".join(TEXT[i] for i in ids), stops, cancelled, sent.append)
+    progress = Progress(
+        3, lambda ids: "".join(TEXT[i] for i in ids), stops, cancelled, lambda piece: sent.append(piece.text)
+    )
     verdicts, ids = [], [1, 1, 1]
     for n, token in enumerate(tokens, 1):
         ids.append(token)
@@ -110,3 +112,28 @@ def test_progress_without_stops_passes_everything() -> None:
 def test_a_cancelled_request_stops_at_the_next_token() -> None:
     verdicts, sent, _ = run_progress([5, 6, 7], [], cancel_after=1)
     assert verdicts == [False, True, True]
+
+
+def test_progress_attaches_each_tokens_log_probability_to_the_text_it_completes() -> None:
+    """A token whose text is held back (a possible stop-string prefix) is scored with the piece that
+    finally sends it; the recorder's log-probabilities are the model's, before sampling."""
+    cancelled, pieces = threading.Event(), []
+    recorder = LogprobRecorder()
+    progress = Progress(
+        3, lambda ids: "".join(TEXT[i] for i in ids), [" worx"], cancelled, pieces.append,
+        recorder=recorder, top_logprobs=2, token_text=lambda ids: [f"t{i}" for i in ids],
+    )  # fmt: skip
+    logits = torch.arange(9, dtype=torch.float32).unsqueeze(0)
+    ids = [1, 1, 1]
+    for token in (5, 6, 7):
+        assert recorder(torch.tensor([ids]), logits) is logits  # type: ignore[arg-type]
+        ids.append(token)
+        progress(torch.tensor([ids]), logits)  # type: ignore[arg-type]
+    progress.finish()
+    expected = torch.log_softmax(logits[0], dim=-1)
+    assert [p.text for p in pieces] == ["Hello", " world"]  # " wor" waited: it could start " worx"
+    assert [[s.token_id for s in p.logprobs] for p in pieces] == [[5], [6, 7]]
+    scored = pieces[1].logprobs[0]
+    assert scored.token == "t6" and scored.logprob == pytest.approx(float(expected[6]))
+    assert [t for t, _ in scored.top] == ["t8", "t7"]
+    assert scored.top[0][1] == pytest.approx(float(expected[8]))

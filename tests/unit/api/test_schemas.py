@@ -57,7 +57,8 @@ def test_n_other_than_one_is_refused() -> None:
         ("temperature", -0.1),
         ("top_p", 0),
         ("top_p", 1.5),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
+        ("top_logprobs", 21),
         ("stop", ["a", "b", "c", "d", "e"]),
         ("stop", 5),
         ("seed", "x"),
@@ -94,11 +95,33 @@ def test_message_content_as_text_parts_and_developer_role() -> None:
     ]
 
 
-def test_completion_prompt_is_one_text() -> None:
-    assert CompletionRequest.model_validate({"model": "m", "prompt": "Hi"}).prompt_text() == "Hi"
-    assert CompletionRequest.model_validate({"model": "m", "prompt": ["Hi"]}).prompt_text() == "Hi"
-    param, message = rejection(CompletionRequest, {"model": "m", "prompt": ["a", "b"]})
-    assert param == "prompt" and "exactly one prompt" in message
+def completion(**fields: object) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "m", "prompt": "Hi", **fields})
+
+
+def test_completion_prompt_is_one_text_or_token_ids() -> None:
+    assert completion().the_prompt() == "Hi"
+    assert completion(prompt=["Hi"]).the_prompt() == "Hi"
+    assert completion(prompt=[5, 6, 7]).the_prompt() == [5, 6, 7]
+    assert completion(prompt=[[5, 6, 7]]).the_prompt() == [5, 6, 7]  # lm-evaluation-harness sends this
+    for prompt, why in ((["a", "b"], "exactly one prompt"), ([[1], [2]], "exactly one prompt"),
+                        ("", "empty"), ([[]], "empty"), ([], "exactly one prompt")):  # fmt: skip
+        param, message = rejection(CompletionRequest, {"model": "m", "prompt": prompt})
+        assert param == "prompt" and why in message, (prompt, message)
+
+
+def test_logprobs_and_echo_resolve_to_sampling_params() -> None:
+    assert chat(logprobs=True, top_logprobs=3).sampling().logprobs == 3
+    assert chat(logprobs=True).sampling().logprobs == 0
+    assert chat(logprobs=False, top_logprobs=None).sampling().logprobs is None
+    refused = chat(top_logprobs=2).refused()
+    assert refused is not None and refused.param == "top_logprobs" and "logprobs: true" in refused.message
+    params = completion(logprobs=1, echo=True, max_tokens=0).sampling()
+    assert (params.logprobs, params.echo, params.max_tokens) == (1, True, 0)
+    assert completion(logprobs=1, echo=True, max_tokens=0).refused() is None
+    assert (refused := completion(max_tokens=0).refused()) is not None and "echo" in refused.message
+    assert (refused := chat(max_tokens=0).refused()) is not None and refused.param == "max_tokens"
+    assert rejection(CompletionRequest, {"model": "m", "prompt": "Hi", "logprobs": 6})[0] == "logprobs"
 
 
 @pytest.mark.parametrize(

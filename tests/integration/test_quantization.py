@@ -4,10 +4,11 @@ Runs ``benchmarks/bench_quant.py`` once per variant, so each run stays well insi
 a loaded machine (the local float32 reference is computed once and shared through a file). It
 serves the built-in model with two servers and compares them with local float32 transformers:
 weights per block from the servers' ``info`` replies, greedy agreement over the first 4 of its
-fixed prompts x 16 tokens (to keep the suite short). The bounds are loose on purpose: they catch
-a broken path (wrong bytes, garbage tokens), not small quality shifts. The full benchmark (8
-prompts) measured here: bf16 2.00x fewer bytes, 8/8 identical, 97.7 % top-1; int8 3.97x,
-90.6 %; nf4 7.70x, 72.7 %."""
+fixed prompts x 16 tokens (to keep the suite short; a float32 swarm's exactness is the job of the
+exactness and built-in model tests, so its run is left to the benchmark). The bounds are loose on
+purpose: they catch a broken path (wrong bytes, garbage tokens), not small quality shifts. The
+full benchmark (8 prompts) measured here: bf16 2.00x fewer bytes, 8/8 identical, 97.7 % top-1;
+int8 3.97x, 90.6 %; nf4 7.70x, 72.7 %."""
 
 from __future__ import annotations
 
@@ -54,13 +55,6 @@ def figures(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Callab
         return seen[variant]
 
     return of
-
-
-def test_float32_swarm_is_the_reference(figures: Callable[[str], dict[str, float]]) -> None:
-    fp32 = figures("fp32")
-    assert fp32["bytes_vs_fp32"] == pytest.approx(1.0, rel=1e-6)
-    assert fp32["identical"] == fp32["prompts"] == 4
-    assert fp32["top1"] == 1.0
 
 
 def test_bfloat16_halves_the_weights_and_keeps_nearly_all_tokens(

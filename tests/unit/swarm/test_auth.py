@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,13 +44,17 @@ OTHER = SwarmKey(b"o" * 32)
 
 
 @pytest.fixture(scope="module")
-def identity() -> ServerIdentity:
-    return ServerIdentity.load_or_create(None)
+def identity() -> Iterator[ServerIdentity]:
+    made = ServerIdentity.load_or_create(None)
+    yield made
+    made.discard()  # its temporary file
 
 
 @pytest.fixture(scope="module")
-def other_identity() -> ServerIdentity:
-    return ServerIdentity.load_or_create(None)
+def other_identity() -> Iterator[ServerIdentity]:
+    made = ServerIdentity.load_or_create(None)
+    yield made
+    made.discard()
 
 
 def peer(identity: ServerIdentity) -> PeerID:

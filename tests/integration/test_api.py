@@ -384,10 +384,24 @@ def test_unknown_model_is_a_bad_request(client: openai.OpenAI, model_dir: Path) 
     assert str(model_dir) in caught.value.message
 
 
-def test_n_above_one_is_a_bad_request(client: openai.OpenAI, model_dir: Path) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        ask(client, str(model_dir), max_tokens=2, n=2)
-    assert caught.value.status_code == 400 and "n=1" in caught.value.message
+def test_n_choices_and_a_list_of_prompts_are_served_concurrently_in_order(
+    client: openai.OpenAI, model_dir: Path, local: tuple[Any, Any]
+) -> None:
+    """n=3 greedy choices are three copies of local's answer; n=3 sampled with a seed are three
+    different reproducible ones; 4 prompts get 4 choices, each local's answer to its own prompt."""
+    greedy = ask(client, str(model_dir), max_tokens=5, n=3, temperature=0)
+    expected, _ = local_greedy(local, chat_ids(local[0], QUESTION), 5)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert [c.message.content for c in greedy.choices] == [expected] * 3
+    sampled = [ask(client, str(model_dir), max_tokens=8, n=3, seed=11, temperature=1.5) for _ in range(2)]
+    texts = [[c.message.content for c in answer.choices] for answer in sampled]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1
+    prompts = ["The capital of France is", "One, two,", "Hello", "Once upon a time"]
+    answer = client.completions.create(model=str(model_dir), prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    for choice, prompt in zip(answer.choices, prompts, strict=True):
+        assert choice.text == local_greedy(local, local[0](prompt).input_ids, 4)[0]
+    assert answer.usage.prompt_tokens == sum(len(local[0](p).input_ids) for p in prompts)
 
 
 def test_a_swarm_missing_blocks_is_503_naming_them(

@@ -9,6 +9,7 @@ never FastAPI's 422), 503 when the swarm cannot serve the model, 502 when a serv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from starlette.exceptions import HTTPException
 
 from corolla.api.engine import Backend
 from corolla.api.errors import ApiError, InvalidRequest, api_error, unknown_model, validation_error
-from corolla.api.formats import ChatFormat, ResponseFormat, TextFormat
+from corolla.api.formats import ChatFormat, ResponseFormat, Summary, TextFormat
 from corolla.api.metrics import ApiMetrics, MetricsMiddleware
-from corolla.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from corolla.api.streaming import EventStreamResponse, LiveGeneration, event_stream, watching_disconnect
+from corolla.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingParams
+from corolla.api.streaming import EventStreamResponse, LiveChoices, event_stream, watching_disconnect
 from corolla.errors import CorollaError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -62,14 +63,14 @@ def create_app(engine: Backend, *, metrics: ApiMetrics | None = None) -> FastAPI
         _check_model(engine, body)
         prompt_ids = engine.encode_chat([m.as_template_message() for m in body.messages])
         fmt = ChatFormat(body.model, logprobs=bool(body.logprobs))
-        return await _answer(request, engine, metrics, body, prompt_ids, fmt)
+        return await _answer(request, engine, metrics, body, [prompt_ids], fmt)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(engine, body)
-        prompt_ids = engine.encode_text(body.the_prompt())
+        prompts = [engine.encode_text(prompt) for prompt in body.prompts()]
         fmt = TextFormat(body.model, logprobs=body.logprobs is not None)
-        return await _answer(request, engine, metrics, body, prompt_ids, fmt)
+        return await _answer(request, engine, metrics, body, prompts, fmt)
 
     @app.get("/api/swarm")
     async def swarm() -> dict[str, Any]:
@@ -97,23 +98,38 @@ def _check_model(engine: Backend, body: ChatCompletionRequest | CompletionReques
 
 
 async def _answer(request: Request, engine: Backend, metrics: ApiMetrics,
-                  body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
+                  body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
                   fmt: ResponseFormat) -> Response:  # fmt: skip
-    """Generate; one JSON body, or a stream of events once the first one came (so that a swarm that
-    cannot serve is still a proper 503, not a broken stream)."""
-    live = LiveGeneration(engine, prompt_ids, body.sampling(), metrics)
+    """Generate every choice (``n`` per prompt) concurrently; one JSON body, or a stream of events
+    once the first one came (so that a swarm that cannot serve is still a proper 503, not a broken
+    stream)."""
+    choices = LiveChoices(engine, generations(prompts, body.sampling(), body.n or 1), metrics)
+    prompt_tokens = sum(len(ids) for ids in prompts)
     try:
-        async with watching_disconnect(request, live):
+        async with watching_disconnect(request, choices):
             if body.stream:
-                first = await live.next()
-                return EventStreamResponse(event_stream(first, live, fmt), on_close=live.cancel)
-            whole, finished = await live.collect()
+                first = await choices.next()
+                stream = event_stream(first, choices, fmt, prompt_tokens)
+                return EventStreamResponse(stream, on_close=choices.cancel)
+            results = await choices.collect()
     except BaseException:  # failed, or the request was cancelled: stop generating
-        live.cancel()
+        choices.cancel()
         raise
     if await request.is_disconnected():
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the metrics tell
-    return JSONResponse(fmt.whole(whole, finished))
+    return JSONResponse(fmt.whole(results, Summary.of([f for _, f in results], prompt_tokens)))
+
+
+def generations(
+    prompts: list[list[int]], params: SamplingParams, n: int
+) -> list[tuple[list[int], SamplingParams]]:
+    """One generation per choice: ``n`` per prompt, prompts in order. With a ``seed``, choice ``i``
+    of a prompt samples with ``seed + i``: the choices differ, and each is reproducible."""
+    return [
+        (ids, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
+        for ids in prompts
+        for i in range(n)
+    ]
 
 
 def _error_response(error: ApiError) -> JSONResponse:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from corolla.api.engine import Finished, Piece, TokenLogprob
@@ -37,10 +38,6 @@ def sse(payload: dict[str, Any]) -> str:
 
 def route_of(hops: Sequence[Hop]) -> list[RouteHop]:
     return [RouteHop(peer_id=h.peer_id, start=h.start, end=h.end) for h in hops]
-
-
-def usage_of(finished: Finished) -> Usage:
-    return Usage.of(finished.prompt_tokens, finished.completion_tokens)
 
 
 def utf8(token: str) -> list[int]:
@@ -77,13 +74,30 @@ def text_logprobs(scored: Sequence[TokenLogprob], offset: int = 0) -> TextLogpro
     )
 
 
-class ResponseFormat(Protocol):
-    """How one endpoint writes its answer; one instance per request (it holds the id)."""
+@dataclass(frozen=True)
+class Summary:
+    """What a whole answer (or its last chunk) carries besides its choices: the usage of all its
+    choices and the route of its first (``route`` is corolla's own field)."""
 
-    def opening(self) -> dict[str, Any] | None: ...
-    def chunk(self, piece: Piece) -> dict[str, Any]: ...
-    def closing(self, finished: Finished) -> dict[str, Any]: ...
-    def whole(self, piece: Piece, finished: Finished) -> dict[str, Any]: ...
+    usage: Usage
+    route: list[RouteHop]
+
+    @classmethod
+    def of(cls, finished: Mapping[int, Finished] | Sequence[Finished], prompt_tokens: int) -> Summary:
+        """``prompt_tokens``: of all the request's prompts, each counted once (not once per ``n``)."""
+        ends = list(finished.values()) if isinstance(finished, Mapping) else list(finished)
+        first = finished[0]
+        return cls(Usage.of(prompt_tokens, sum(f.completion_tokens for f in ends)), route_of(first.route))
+
+
+class ResponseFormat(Protocol):
+    """How one endpoint writes its answer; one instance per request (it holds the id). ``index``:
+    which choice (``n`` per prompt, prompts in order)."""
+
+    def opening(self, index: int) -> dict[str, Any] | None: ...
+    def chunk(self, piece: Piece, index: int) -> dict[str, Any]: ...
+    def closing(self, finished: Finished, index: int, summary: Summary | None) -> dict[str, Any]: ...
+    def whole(self, choices: Sequence[tuple[Piece, Finished]], summary: Summary) -> dict[str, Any]: ...
 
 
 class _Format:
@@ -104,25 +118,29 @@ class ChatFormat(_Format):
 
     prefix = "chatcmpl"
 
-    def opening(self) -> dict[str, Any] | None:
-        return self._chunk(ChunkChoice(delta=Delta(role="assistant", content="")))
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self._chunk(ChunkChoice(index=index, delta=Delta(role="assistant", content="")))
 
-    def chunk(self, piece: Piece) -> dict[str, Any]:
+    def chunk(self, piece: Piece, index: int) -> dict[str, Any]:
         scored = chat_logprobs(piece.logprobs) if self.logprobs else None
-        return self._chunk(ChunkChoice(delta=Delta(content=piece.text), logprobs=scored))
+        return self._chunk(ChunkChoice(index=index, delta=Delta(content=piece.text), logprobs=scored))
 
-    def closing(self, finished: Finished) -> dict[str, Any]:
-        choice = ChunkChoice(delta=Delta(), finish_reason=finished.finish_reason)
-        return self._chunk(choice, usage=usage_of(finished), route=route_of(finished.route))
+    def closing(self, finished: Finished, index: int, summary: Summary | None) -> dict[str, Any]:
+        choice = ChunkChoice(index=index, delta=Delta(), finish_reason=finished.finish_reason)
+        if summary is None:
+            return self._chunk(choice)
+        return self._chunk(choice, usage=summary.usage, route=summary.route)
 
-    def whole(self, piece: Piece, finished: Finished) -> dict[str, Any]:
-        choice = ChatChoice(
-            message=AssistantMessage(content=piece.text), finish_reason=finished.finish_reason,
-            logprobs=chat_logprobs(piece.logprobs) if self.logprobs else None,
-        )  # fmt: skip
-        body = ChatCompletion(
-            **self._head(), choices=[choice], usage=usage_of(finished), route=route_of(finished.route)
-        )
+    def whole(self, choices: Sequence[tuple[Piece, Finished]], summary: Summary) -> dict[str, Any]:
+        bodies = [
+            ChatChoice(
+                index=index, message=AssistantMessage(content=piece.text),
+                finish_reason=finished.finish_reason,
+                logprobs=chat_logprobs(piece.logprobs) if self.logprobs else None,
+            )  # fmt: skip
+            for index, (piece, finished) in enumerate(choices)
+        ]
+        body = ChatCompletion(**self._head(), choices=bodies, usage=summary.usage, route=summary.route)
         return body.model_dump()
 
     def _chunk(self, choice: ChunkChoice, **extra: Any) -> dict[str, Any]:
@@ -135,29 +153,37 @@ class ChatFormat(_Format):
 class TextFormat(_Format):
     """``text_completion``, whole or in chunks (OpenAI uses the same object for both)."""
 
-    def opening(self) -> dict[str, Any] | None:
-        return None
-
     def __init__(self, model: str, *, logprobs: bool = False) -> None:
         super().__init__(model, logprobs=logprobs)
-        self.offset = 0  # characters streamed so far: where the next chunk's text_offset starts
+        self.offsets: dict[int, int] = {}  # per choice, characters streamed: the next text_offset
 
-    def chunk(self, piece: Piece) -> dict[str, Any]:
-        scored = text_logprobs(piece.logprobs, self.offset) if self.logprobs else None
-        self.offset += len(piece.text)
-        return self._body(TextChoice(text=piece.text, logprobs=scored))
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return None
 
-    def closing(self, finished: Finished) -> dict[str, Any]:
-        choice = TextChoice(text="", finish_reason=finished.finish_reason)
-        return self._body(choice, usage=usage_of(finished), route=route_of(finished.route))
+    def chunk(self, piece: Piece, index: int) -> dict[str, Any]:
+        offset = self.offsets.get(index, 0)
+        scored = text_logprobs(piece.logprobs, offset) if self.logprobs else None
+        self.offsets[index] = offset + len(piece.text)
+        return self._body([TextChoice(index=index, text=piece.text, logprobs=scored)])
 
-    def whole(self, piece: Piece, finished: Finished) -> dict[str, Any]:
-        scored = text_logprobs(piece.logprobs) if self.logprobs else None
-        choice = TextChoice(text=piece.text, finish_reason=finished.finish_reason, logprobs=scored)
-        return self._body(choice, usage=usage_of(finished), route=route_of(finished.route))
+    def closing(self, finished: Finished, index: int, summary: Summary | None) -> dict[str, Any]:
+        choice = TextChoice(index=index, text="", finish_reason=finished.finish_reason)
+        if summary is None:
+            return self._body([choice])
+        return self._body([choice], usage=summary.usage, route=summary.route)
 
-    def _body(self, choice: TextChoice, **extra: Any) -> dict[str, Any]:
-        return _without_none(TextCompletion(**self._head(), choices=[choice], **extra).model_dump())
+    def whole(self, choices: Sequence[tuple[Piece, Finished]], summary: Summary) -> dict[str, Any]:
+        bodies = [
+            TextChoice(
+                index=index, text=piece.text, finish_reason=finished.finish_reason,
+                logprobs=text_logprobs(piece.logprobs) if self.logprobs else None,
+            )  # fmt: skip
+            for index, (piece, finished) in enumerate(choices)
+        ]
+        return self._body(bodies, usage=summary.usage, route=summary.route)
+
+    def _body(self, choices: list[TextChoice], **extra: Any) -> dict[str, Any]:
+        return _without_none(TextCompletion(**self._head(), choices=choices, **extra).model_dump())
 
 
 def _without_none(body: dict[str, Any]) -> dict[str, Any]:

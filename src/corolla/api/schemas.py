@@ -19,6 +19,9 @@ DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TOP_LOGPROBS_CHAT = 20  # as OpenAI: top_logprobs of chat completions
 MAX_LOGPROBS_TEXT = 5  # as OpenAI: logprobs of (legacy) completions
+MAX_CHOICES = 16  # n: choices per prompt, each generated in a session of its own
+MAX_PROMPTS = 32  # prompts in one completions request
+MAX_GENERATIONS = 64  # prompts x n in one request
 FinishReason = Literal["stop", "length"]
 
 
@@ -107,15 +110,8 @@ class _Request(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)  # choices per prompt
     stream: bool | None = False
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
-            raise ValueError(f"only n=1 is supported, got n={n}")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -192,8 +188,9 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``: one prompt, as text or token ids (a list holding one is accepted
-    too). ``max_tokens=0`` with ``echo`` scores the prompt without generating."""
+    """``POST /v1/completions``: a prompt, as text or token ids, or a list of them (served
+    concurrently, choices in the prompts' order). ``max_tokens=0`` with ``echo`` scores the prompts
+    without generating."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS_TEXT)
@@ -201,25 +198,30 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return prompt  # one prompt as token ids
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError(f"exactly one prompt is supported, got a list of {len(prompt)}")
-        if not (prompt if isinstance(prompt, str) else prompt and prompt[0]):
-            raise ValueError("the prompt is empty")
+    def _some_prompts(cls, prompt: Any) -> Any:
+        prompts = cls._as_list(prompt)
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+        if empty := [i for i, one in enumerate(prompts) if not one]:
+            raise ValueError(f"prompt {empty[0]} is empty")
         return prompt
 
+    @staticmethod
+    def _as_list(prompt: Any) -> list[Any]:
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            return [prompt]  # one prompt: text, or token ids
+        return list(prompt)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids; one choice each (``n`` each), in this order."""
+        return self._as_list(self.prompt)
+
     def refused(self) -> InvalidField | None:
+        if len(self.prompts()) * (self.n or 1) > MAX_GENERATIONS:
+            return InvalidField("n", f"n: prompts x n may be at most {MAX_GENERATIONS} in one request")
         if self.max_tokens == 0 and not self.echo:
             return InvalidField("max_tokens", "max_tokens: 0 is allowed only with echo (scoring the prompt)")
         return super().refused()
-
-    def the_prompt(self) -> str | list[int]:
-        """The one prompt: text, or token ids."""
-        if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int):
-            return self.prompt[0]  # a list holding one prompt
-        return self.prompt  # type: ignore[return-value]
 
     def sampling(self) -> SamplingParams:
         params = super().sampling()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from corolla.api.engine import Backend, Event, Finished, Piece
 from corolla.api.errors import api_error
-from corolla.api.formats import DONE, ResponseFormat, sse
+from corolla.api.formats import DONE, ResponseFormat, Summary, sse
 from corolla.api.metrics import ApiMetrics
 from corolla.api.schemas import SamplingParams
 
@@ -63,20 +63,65 @@ class LiveGeneration:
             raise event
         return event
 
-    async def collect(self) -> tuple[Piece, Finished]:
-        """The whole text (with all its tokens' log-probabilities) and the ``Finished``."""
-        parts: list[Piece] = []
-        while not isinstance(event := await self.next(), Finished):
-            parts.append(event)
-        whole = Piece("".join(p.text for p in parts), tuple(s for p in parts for s in p.logprobs))
-        return whole, event
-
     def cancel(self) -> None:
         self.cancelled.set()
 
 
+class LiveChoices:
+    """The generations of one request (``n`` per prompt, a list of prompts), run concurrently, each
+    in its own session (a server merges their decode steps); their events in arrival order, each
+    with its choice's index."""
+
+    def __init__(
+        self, engine: Backend, jobs: Sequence[tuple[list[int], SamplingParams]], metrics: ApiMetrics
+    ) -> None:
+        self.lives = [LiveGeneration(engine, ids, params, metrics) for ids, params in jobs]
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._pumps = [asyncio.create_task(self._pump(i, live)) for i, live in enumerate(self.lives)]
+
+    async def _pump(self, index: int, live: LiveGeneration) -> None:
+        try:
+            while not isinstance(event := await live.next(), Finished):
+                self._queue.put_nowait((index, event))
+            self._queue.put_nowait((index, event))
+        except Exception as error:
+            self._queue.put_nowait((index, error))
+
+    def __len__(self) -> int:
+        return len(self.lives)
+
+    async def next(self) -> tuple[int, Piece | Finished]:
+        """The next event of any choice, with its index; raises what ended a choice's generation."""
+        index, event = await self._queue.get()
+        if isinstance(event, Exception):
+            raise event
+        return index, event
+
+    async def collect(self) -> list[tuple[Piece, Finished]]:
+        """Each choice's whole text (with all its tokens' log-probabilities) and its ``Finished``."""
+        parts: list[list[Piece]] = [[] for _ in self.lives]
+        finished: dict[int, Finished] = {}
+        while len(finished) < len(self.lives):
+            index, event = await self.next()
+            if isinstance(event, Finished):
+                finished[index] = event
+            else:
+                parts[index].append(event)
+        return [(joined(pieces), finished[i]) for i, pieces in enumerate(parts)]
+
+    def cancel(self) -> None:
+        for live in self.lives:
+            live.cancel()
+        for pump in self._pumps:
+            pump.cancel()
+
+
+def joined(pieces: Sequence[Piece]) -> Piece:
+    return Piece("".join(p.text for p in pieces), tuple(s for p in pieces for s in p.logprobs))
+
+
 @contextlib.asynccontextmanager
-async def watching_disconnect(request: Request, live: LiveGeneration) -> AsyncIterator[None]:
+async def watching_disconnect(request: Request, live: LiveGeneration | LiveChoices) -> AsyncIterator[None]:
     """While inside, a client that goes away cancels ``live`` (checked every ``DISCONNECT_POLL_S``)."""
 
     async def watch() -> None:
@@ -92,19 +137,27 @@ async def watching_disconnect(request: Request, live: LiveGeneration) -> AsyncIt
 
 
 async def event_stream(
-    first: Piece | Finished, live: LiveGeneration, fmt: ResponseFormat
+    first: tuple[int, Piece | Finished], choices: LiveChoices, fmt: ResponseFormat, prompt_tokens: int
 ) -> AsyncIterator[str]:
-    """Server-sent events: the opening chunk, one chunk per text increment, the closing chunk (with
-    ``usage`` and ``route``), ``[DONE]``. A failure mid-stream is sent as an error event."""
-    opening = fmt.opening()
-    if opening is not None:
-        yield sse(opening)
-    event = first
+    """Server-sent events: each choice's opening chunk, one chunk per text increment (with its
+    choice's index), each choice's closing chunk (the last one with ``usage`` and ``route``),
+    ``[DONE]``. A failure mid-stream is sent as an error event."""
+    for index in range(len(choices)):
+        if (opening := fmt.opening(index)) is not None:
+            yield sse(opening)
+    index, event = first
+    finished: dict[int, Finished] = {}
     try:
-        while not isinstance(event, Finished):
-            yield sse(fmt.chunk(event))
-            event = await live.next()
-        yield sse(fmt.closing(event))
+        while True:
+            if isinstance(event, Finished):
+                finished[index] = event
+                if len(finished) == len(choices):
+                    yield sse(fmt.closing(event, index, Summary.of(finished, prompt_tokens)))
+                    break
+                yield sse(fmt.closing(event, index, None))
+            else:
+                yield sse(fmt.chunk(event, index))
+            index, event = await choices.next()
     except Exception as error:
         yield sse(api_error(error).body())
     yield DONE

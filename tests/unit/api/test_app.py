@@ -84,12 +84,38 @@ def test_text_completion_whole_and_streamed(engine: FakeEngine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("n", 2), ("temperature", 3), ("top_p", 0), ("max_tokens", -1), ("stop", 7)]
+    ("field", "value"),
+    [("n", 0), ("n", 17), ("temperature", 3), ("top_p", 0), ("max_tokens", -1), ("stop", 7)],
 )
 def test_bad_parameters_are_400_in_openai_shape(engine: FakeEngine, field: str, value: object) -> None:
     response = client_for(engine).post("/v1/chat/completions", json={**CHAT, field: value})
     assert_error(response, 400, "invalid_request_error", field)
     assert engine.params == []  # nothing was generated
+
+
+def test_n_choices_each_generated_with_its_own_seed(engine: FakeEngine) -> None:
+    body = client_for(engine).post("/v1/chat/completions", json={**CHAT, "n": 3, "seed": 7}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["message"]["content"] == "Hello!" for c in body["choices"])
+    assert sorted(p.seed for p in engine.params) == [7, 8, 9]  # the choices differ, each reproducible
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13}  # prompt once
+
+
+def test_a_list_of_prompts_gets_its_choices_in_order_streamed_or_not(engine: FakeEngine) -> None:
+    client = client_for(engine)
+    request = {"model": "fake-model", "prompt": ["one", "one two", "one two three"], "n": 2}
+    body = client.post("/v1/completions", json=request).json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert sorted(len(p) for p in engine.prompts) == [1, 1, 2, 2, 3, 3]
+    assert body["usage"]["prompt_tokens"] == 6 and body["usage"]["completion_tokens"] == 18
+    chunks = [c for c in events(client.post("/v1/completions", json={**request, "stream": True}))[:-1]]
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == dict.fromkeys(range(6), "Hello!")
+    closing = [c for c in chunks if c["choices"][0].get("finish_reason")]
+    assert len(closing) == 6 and [("usage" in c) for c in closing] == [False] * 5 + [True]
 
 
 def test_unknown_model_is_400_naming_the_available_one(engine: FakeEngine) -> None:
@@ -179,7 +205,7 @@ def test_swarm_page_and_unknown_paths(engine: FakeEngine) -> None:
 def test_metrics_count_requests_statuses_and_tokens(engine: FakeEngine) -> None:
     client = client_for(engine)
     client.post("/v1/chat/completions", json=CHAT)
-    client.post("/v1/chat/completions", json={**CHAT, "n": 3})
+    client.post("/v1/chat/completions", json={**CHAT, "n": 0})
     engine.done.wait(5)
     text = client.get("/metrics").text
     assert 'corolla_api_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text

@@ -44,10 +44,11 @@ def test_known_fields_are_carried_and_neutral_ones_accepted() -> None:
     assert chat(max_completion_tokens=9, max_tokens=4).sampling().max_tokens == 4
 
 
-def test_n_other_than_one_is_refused() -> None:
-    assert chat(n=1).sampling() == chat().sampling()
-    param, message = rejection(ChatCompletionRequest, {**CHAT, "n": 2})
-    assert param == "n" and "only n=1 is supported" in message and not message.startswith("Value error")
+def test_n_is_one_to_sixteen() -> None:
+    assert chat(n=16).n == 16
+    for n in (0, 17):
+        param, message = rejection(ChatCompletionRequest, {**CHAT, "n": n})
+        assert param == "n" and not message.startswith("Value error")
 
 
 @pytest.mark.parametrize(
@@ -99,15 +100,17 @@ def completion(**fields: object) -> CompletionRequest:
     return CompletionRequest.model_validate({"model": "m", "prompt": "Hi", **fields})
 
 
-def test_completion_prompt_is_one_text_or_token_ids() -> None:
-    assert completion().the_prompt() == "Hi"
-    assert completion(prompt=["Hi"]).the_prompt() == "Hi"
-    assert completion(prompt=[5, 6, 7]).the_prompt() == [5, 6, 7]
-    assert completion(prompt=[[5, 6, 7]]).the_prompt() == [5, 6, 7]  # lm-evaluation-harness sends this
-    for prompt, why in ((["a", "b"], "exactly one prompt"), ([[1], [2]], "exactly one prompt"),
-                        ("", "empty"), ([[]], "empty"), ([], "exactly one prompt")):  # fmt: skip
+def test_completion_prompts_are_text_or_token_ids_one_or_a_list() -> None:
+    assert completion().prompts() == ["Hi"]
+    assert completion(prompt=["Hi", "there"]).prompts() == ["Hi", "there"]
+    assert completion(prompt=[5, 6, 7]).prompts() == [[5, 6, 7]]
+    assert completion(prompt=[[5, 6, 7], [8]]).prompts() == [[5, 6, 7], [8]]  # lm-evaluation-harness's
+    for prompt, why in (("", "prompt 0 is empty"), ([[]], "prompt 0 is empty"), (["a", ""], "prompt 1"),
+                        ([], "got 0"), (["a"] * 33, "got 33")):  # fmt: skip
         param, message = rejection(CompletionRequest, {"model": "m", "prompt": prompt})
         assert param == "prompt" and why in message, (prompt, message)
+    refused = completion(prompt=["a"] * 10, n=7).refused()
+    assert refused is not None and refused.param == "n"
 
 
 def test_logprobs_and_echo_resolve_to_sampling_params() -> None:

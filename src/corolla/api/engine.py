@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from corolla.api.constrained import GrammarConstraint, llguidance_tokenizer
 from corolla.api.errors import InvalidRequest
 from corolla.api.prompts import Message, encode_chat, encode_text
 from corolla.api.schemas import DEFAULT_MAX_TOKENS, FinishReason, SamplingParams
@@ -218,6 +219,14 @@ class Engine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         )
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer refuses concurrent mutable use
+        self._ll_tokenizer: Any = None  # llguidance's tokenizer, for structured output; built once
+
+    def _grammar_tokenizer(self) -> Any:
+        with self._tokenizer_lock:
+            if self._ll_tokenizer is None:
+                vocab = int(self.model.config.vocab_size)
+                self._ll_tokenizer = llguidance_tokenizer(self.tokenizer, vocab, sorted(self.eos_ids))
+            return self._ll_tokenizer
 
     @classmethod
     def load(
@@ -347,7 +356,13 @@ class Engine:
             "stopping_criteria": StoppingCriteriaList([progress]),
             "pad_token_id": self.pad_id,
         }
-        processors = [p for p in (recorder, Sampler(params) if params.temperature > 0 else None) if p]
+        constraint = (
+            None if params.grammar is None
+            else GrammarConstraint(self._grammar_tokenizer(), params.grammar, len(prompt_ids))
+        )  # fmt: skip
+        # in this order: log-probabilities are the model's, sampling sees only what the grammar allows
+        sampler = Sampler(params) if params.temperature > 0 else None
+        processors = [p for p in (recorder, constraint, sampler) if p is not None]
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long)

@@ -36,6 +36,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely
     echo: bool = False  # the prompt first (with its log-probabilities when logprobs is set)
+    grammar: str | None = None  # structured output: the llguidance grammar the answer must follow
 
 
 # ---------------------------------------------------------------- requests
@@ -169,6 +170,7 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (constrained.py)
 
     def refused(self) -> InvalidField | None:
         for i, message in enumerate(self.messages):
@@ -184,7 +186,12 @@ class ChatCompletionRequest(_Request):
         params = super().sampling()
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_completion_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return SamplingParams(**{**params.__dict__, "max_tokens": max_tokens, "logprobs": logprobs})
+        from corolla.api.constrained import grammar_for  # (it raises errors.py's, which imports us)
+
+        grammar = grammar_for(self.response_format)  # a format it cannot follow: InvalidRequest (400)
+        return SamplingParams(
+            **{**params.__dict__, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar}
+        )
 
 
 class CompletionRequest(_Request):

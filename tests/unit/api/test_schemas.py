@@ -135,7 +135,6 @@ def test_logprobs_and_echo_resolve_to_sampling_params() -> None:
         ("logit_bias", {"42": 100}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
         ("modalities", ["text", "audio"]),
         ("reasoning_effort", "high"),
     ],

@@ -91,41 +91,77 @@ JSON_PROMPTS = [  # the built-in model closes the first three; it rambles on the
 ]
 
 
-def test_structured_output_parses_and_matches_the_schema(two_servers: list[LocalServer]) -> None:
-    """The API on the built-in model: every json_object answer that ends parses (one cut short by
-    max_tokens is the start of an object, as OpenAI's), and a json_schema answer is an object of
-    that schema."""
-    from concurrent.futures import ThreadPoolExecutor
-
+@pytest.fixture(scope="module")
+def api(two_servers: list[LocalServer]) -> Iterator[Any]:
+    """``corolla api``'s app on the built-in model's swarm, in-process (FastAPI's test client)."""
     from fastapi.testclient import TestClient
 
     from corolla.api.app import create_app
     from corolla.api.engine import Engine
 
     engine = Engine.load(BUILTIN_MODEL, initial_peers=[two_servers[0].maddr or ""])
-    try:
-        client = TestClient(create_app(engine))
+    yield TestClient(create_app(engine))
+    engine.close()
 
-        def ask(content: str, response_format: dict[str, Any]) -> tuple[str, str]:
-            body = {"model": BUILTIN_MODEL, "messages": [{"role": "user", "content": content}],
-                    "temperature": 0, "max_tokens": 32, "response_format": response_format}  # fmt: skip
-            choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
-            return str(choice["message"]["content"]), str(choice["finish_reason"])
 
-        with ThreadPoolExecutor(len(JSON_PROMPTS)) as pool:  # at once: the servers batch them
-            answers = list(pool.map(lambda p: ask(p, {"type": "json_object"}), JSON_PROMPTS))
-        assert [reason for _, reason in answers] == ["stop", "stop", "stop", "length"], answers
-        assert all(isinstance(json.loads(text), dict) for text, _ in answers[:3]), answers
-        assert answers[3][0].startswith("{")
-        schema = {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
-            "required": ["city", "country"],
-            "additionalProperties": False,
-        }
-        city_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
-        text, reason = ask(QUESTION, city_format)
-        city = json.loads(text)
-        assert reason == "stop" and set(city) == {"city", "country"} and "Paris" in city["city"], text
-    finally:
-        engine.close()
+def chat(api: Any, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    body = {"model": BUILTIN_MODEL, "messages": messages, "temperature": 0, "max_tokens": 32, **fields}
+    reply = api.post("/v1/chat/completions", json=body).json()
+    assert "choices" in reply, reply
+    return dict(reply["choices"][0])
+
+
+def test_structured_output_parses_and_matches_the_schema(api: Any) -> None:
+    """Every json_object answer that ends parses (one cut short by max_tokens is the start of an
+    object, as OpenAI's), and a json_schema answer is an object of that schema."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(content: str, response_format: dict[str, Any]) -> tuple[str, str]:
+        choice = chat(api, [{"role": "user", "content": content}], response_format=response_format)
+        return str(choice["message"]["content"]), str(choice["finish_reason"])
+
+    with ThreadPoolExecutor(len(JSON_PROMPTS)) as pool:  # at once: the servers batch them
+        answers = list(pool.map(lambda p: ask(p, {"type": "json_object"}), JSON_PROMPTS))
+    assert [reason for _, reason in answers] == ["stop", "stop", "stop", "length"], answers
+    assert all(isinstance(json.loads(text), dict) for text, _ in answers[:3]), answers
+    assert answers[3][0].startswith("{")
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    city_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    text, reason = ask(QUESTION, city_format)
+    city = json.loads(text)
+    assert reason == "stop" and set(city) == {"city", "country"} and "Paris" in city["city"], text
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_an_agent_round_trip_calls_the_tool_then_answers_from_its_result(api: Any) -> None:
+    """tool_choice "required": a valid get_weather call; the conversation with the tool's result
+    then gets a text answer."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = chat(api, messages, tools=[WEATHER_TOOL], tool_choice="required")
+    assert first["finish_reason"] == "tool_calls" and first["message"]["content"] is None, first
+    (call,) = first["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 21 degrees Celsius."},
+    ]
+    # the final turn: the tools stay listed but none is to be called (the 135M model, offered the
+    # tool again, tends to call it again)
+    second = chat(api, messages, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=24)
+    assert second["finish_reason"] in ("stop", "length") and second["message"]["content"], second
+    assert "tool_calls" not in second["message"]
+    assert "sunny" in second["message"]["content"].lower() or "21" in second["message"]["content"], second

@@ -61,8 +61,10 @@ def create_app(engine: Backend, *, metrics: ApiMetrics | None = None) -> FastAPI
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(engine, body)
-        prompt_ids = engine.encode_chat([m.as_template_message() for m in body.messages])
-        fmt = ChatFormat(body.model, logprobs=bool(body.logprobs))
+        tools = body.tool_list() if body.calling_tools() else None
+        prompt_ids = engine.encode_chat([m.as_template_message() for m in body.messages], tools)
+        names = body.must_call() or [tool["function"]["name"] for tool in tools or []]
+        fmt = ChatFormat(body.model, logprobs=bool(body.logprobs), tools=tools, call_names=names)
         return await _answer(request, engine, metrics, body, [prompt_ids], fmt)
 
     @app.post("/v1/completions")

@@ -65,6 +65,7 @@ class Piece:
 
 
 Event = Piece | Finished | Exception
+Tools = list[dict[str, Any]] | None  # OpenAI's tools (tools.py)
 Emit = Callable[[Event], None]
 
 
@@ -74,7 +75,7 @@ class Backend(Protocol):
     model_id: str  # listed by /v1/models
     names: tuple[str, ...]  # what requests may call the model
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Message], tools: Tools = None) -> list[int]: ...
     def encode_text(self, prompt: str | list[int]) -> list[int]: ...
     def start(self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event,
               emit: Emit) -> threading.Thread: ...  # fmt: skip
@@ -259,9 +260,10 @@ class Engine:
 
     # --- prompts -------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], tools: Tools = None) -> list[int]:
+        """A conversation's token ids, with the ``tools`` offered (OpenAI's ``tools``) if any."""
         with self._tokenizer_lock:
-            return encode_chat(self.tokenizer, messages)
+            return encode_chat(self.tokenizer, messages, tools)
 
     def encode_text(self, prompt: str | list[int]) -> list[int]:
         """A text prompt's token ids; a prompt given as token ids, checked against the vocabulary."""

@@ -26,6 +26,7 @@ from corolla.api.schemas import (
     TopLogprob,
     Usage,
 )
+from corolla.api.tools import ToolCall, parse_call
 from corolla.client.routing import Hop
 
 DONE = "data: [DONE]\n\n"
@@ -49,7 +50,9 @@ def chat_logprobs(scored: Sequence[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
-                token=s.token, logprob=s.logprob or 0.0, bytes=utf8(s.token),
+                token=s.token,
+                logprob=s.logprob or 0.0,
+                bytes=utf8(s.token),
                 top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=utf8(t)) for t, lp in s.top or ()],
             )  # fmt: skip
             for s in scored
@@ -92,11 +95,12 @@ class Summary:
 
 class ResponseFormat(Protocol):
     """How one endpoint writes its answer; one instance per request (it holds the id). ``index``:
-    which choice (``n`` per prompt, prompts in order)."""
+    which choice (``n`` per prompt, prompts in order). A chunk may be held back (``None``) and
+    sent with the choice's closing chunks."""
 
     def opening(self, index: int) -> dict[str, Any] | None: ...
-    def chunk(self, piece: Piece, index: int) -> dict[str, Any]: ...
-    def closing(self, finished: Finished, index: int, summary: Summary | None) -> dict[str, Any]: ...
+    def chunk(self, piece: Piece, index: int) -> dict[str, Any] | None: ...
+    def closing(self, finished: Finished, index: int, summary: Summary | None) -> list[dict[str, Any]]: ...
     def whole(self, choices: Sequence[tuple[Piece, Finished]], summary: Summary) -> dict[str, Any]: ...
 
 
@@ -114,34 +118,73 @@ class _Format:
 
 
 class ChatFormat(_Format):
-    """``chat.completion`` and ``chat.completion.chunk``: the first chunk names the role."""
+    """``chat.completion`` and ``chat.completion.chunk``: the first chunk names the role. With
+    ``tools`` offered, an answer that is a call of one of ``call_names`` becomes ``tool_calls``
+    (``tools.py``); streamed, such answers are held back until they end, then sent in one piece."""
 
     prefix = "chatcmpl"
+
+    def __init__(self, model: str, *, logprobs: bool = False, tools: list[dict[str, Any]] | None = None,
+                 call_names: list[str] | None = None) -> None:  # fmt: skip
+        super().__init__(model, logprobs=logprobs)
+        self.tools, self.call_names = tools or [], call_names or []
+        self.held: dict[int, list[Piece]] = {}  # per choice, what was generated and not sent yet
 
     def opening(self, index: int) -> dict[str, Any] | None:
         return self._chunk(ChunkChoice(index=index, delta=Delta(role="assistant", content="")))
 
-    def chunk(self, piece: Piece, index: int) -> dict[str, Any]:
-        scored = chat_logprobs(piece.logprobs) if self.logprobs else None
-        return self._chunk(ChunkChoice(index=index, delta=Delta(content=piece.text), logprobs=scored))
+    def chunk(self, piece: Piece, index: int) -> dict[str, Any] | None:
+        if self.tools:  # a call or text? only the whole answer tells
+            self.held.setdefault(index, []).append(piece)
+            return None
+        return self._content(piece, index)
 
-    def closing(self, finished: Finished, index: int, summary: Summary | None) -> dict[str, Any]:
-        choice = ChunkChoice(index=index, delta=Delta(), finish_reason=finished.finish_reason)
-        if summary is None:
-            return self._chunk(choice)
-        return self._chunk(choice, usage=summary.usage, route=summary.route)
+    def closing(self, finished: Finished, index: int, summary: Summary | None) -> list[dict[str, Any]]:
+        chunks = []
+        reason = finished.finish_reason
+        if self.tools:
+            whole = Piece("".join(p.text for p in self.held.get(index, [])),
+                          tuple(s for p in self.held.pop(index, []) for s in p.logprobs))  # fmt: skip
+            if call := self._call(whole.text):
+                delta = Delta(tool_calls=[call.to_openai(index=0)])
+                chunks.append(self._chunk(ChunkChoice(index=index, delta=delta)))
+                reason = "tool_calls"
+            elif whole.text or whole.logprobs:
+                chunks.append(self._content(whole, index))
+        choice = ChunkChoice(index=index, delta=Delta(), finish_reason=reason)
+        extra = {} if summary is None else {"usage": summary.usage, "route": summary.route}
+        return [*chunks, self._chunk(choice, **extra)]
 
     def whole(self, choices: Sequence[tuple[Piece, Finished]], summary: Summary) -> dict[str, Any]:
-        bodies = [
-            ChatChoice(
-                index=index, message=AssistantMessage(content=piece.text),
-                finish_reason=finished.finish_reason,
-                logprobs=chat_logprobs(piece.logprobs) if self.logprobs else None,
-            )  # fmt: skip
-            for index, (piece, finished) in enumerate(choices)
-        ]
-        body = ChatCompletion(**self._head(), choices=bodies, usage=summary.usage, route=summary.route)
-        return body.model_dump()
+        bodies = []
+        for index, (piece, finished) in enumerate(choices):
+            scored = chat_logprobs(piece.logprobs) if self.logprobs else None
+            if call := self._call(piece.text):
+                message = AssistantMessage(content=None, tool_calls=[call.to_openai()])
+                bodies.append(
+                    ChatChoice(index=index, message=message, finish_reason="tool_calls", logprobs=scored)
+                )
+            else:
+                message = AssistantMessage(content=piece.text)
+                bodies.append(
+                    ChatChoice(
+                        index=index, message=message, finish_reason=finished.finish_reason, logprobs=scored
+                    )
+                )
+        body = ChatCompletion(
+            **self._head(), choices=bodies, usage=summary.usage, route=summary.route
+        ).model_dump()
+        for choice in body["choices"]:
+            if choice["message"]["tool_calls"] is None:
+                del choice["message"]["tool_calls"]  # as OpenAI: only an answer that calls has them
+        return body
+
+    def _call(self, text: str) -> ToolCall | None:
+        return parse_call(text, self.tools, self.call_names) if self.tools else None
+
+    def _content(self, piece: Piece, index: int) -> dict[str, Any]:
+        scored = chat_logprobs(piece.logprobs) if self.logprobs else None
+        return self._chunk(ChunkChoice(index=index, delta=Delta(content=piece.text), logprobs=scored))
 
     def _chunk(self, choice: ChunkChoice, **extra: Any) -> dict[str, Any]:
         body = _without_none(ChatCompletionChunk(**self._head(), choices=[choice], **extra).model_dump())
@@ -166,16 +209,18 @@ class TextFormat(_Format):
         self.offsets[index] = offset + len(piece.text)
         return self._body([TextChoice(index=index, text=piece.text, logprobs=scored)])
 
-    def closing(self, finished: Finished, index: int, summary: Summary | None) -> dict[str, Any]:
+    def closing(self, finished: Finished, index: int, summary: Summary | None) -> list[dict[str, Any]]:
         choice = TextChoice(index=index, text="", finish_reason=finished.finish_reason)
         if summary is None:
-            return self._body([choice])
-        return self._body([choice], usage=summary.usage, route=summary.route)
+            return [self._body([choice])]
+        return [self._body([choice], usage=summary.usage, route=summary.route)]
 
     def whole(self, choices: Sequence[tuple[Piece, Finished]], summary: Summary) -> dict[str, Any]:
         bodies = [
             TextChoice(
-                index=index, text=piece.text, finish_reason=finished.finish_reason,
+                index=index,
+                text=piece.text,
+                finish_reason=finished.finish_reason,
                 logprobs=text_logprobs(piece.logprobs) if self.logprobs else None,
             )  # fmt: skip
             for index, (piece, finished) in enumerate(choices)

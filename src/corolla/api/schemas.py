@@ -22,7 +22,7 @@ MAX_LOGPROBS_TEXT = 5  # as OpenAI: logprobs of (legacy) completions
 MAX_CHOICES = 16  # n: choices per prompt, each generated in a session of its own
 MAX_PROMPTS = 32  # prompts in one completions request
 MAX_GENERATIONS = 64  # prompts x n in one request
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,7 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "frequency_penalty": lambda v: v in (None, 0),
     "presence_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
-    "tools": lambda v: not v,
     "functions": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none", "auto"),  # without tools, "auto" calls none
     "function_call": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "modalities": lambda v: v in (None, ["text"]),
@@ -68,7 +66,6 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
 }
 MESSAGE_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "name": lambda v: v is None,
-    "tool_calls": lambda v: not v,
     "function_call": lambda v: v is None,
     "refusal": lambda v: v is None,
     "audio": lambda v: v is None,
@@ -145,22 +142,67 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant turn made (``tool_calls`` of an assistant message)."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """One turn of a conversation (``developer`` is OpenAI's newer name for ``system``)."""
+    """One turn of a conversation (``developer`` is OpenAI's newer name for ``system``; ``tool``
+    carries a tool call's result)."""
 
     model_config = ConfigDict(extra="allow")  # checked by ChatCompletionRequest.refused()
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: which call this result answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
-    def as_template_message(self) -> dict[str, str]:
-        """``{"role", "content"}`` as chat templates expect them."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+    def as_template_message(self) -> dict[str, Any]:
+        """``{"role", "content"}`` (and a turn's tool calls, a result's call id) for ``tools.py``."""
+        role = "system" if self.role == "developer" else self.role
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id or ""
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # as OpenAI
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None  # calls always follow the schema when they are constrained
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Request):
@@ -171,6 +213,25 @@ class ChatCompletionRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (constrained.py)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+    def calling_tools(self) -> bool:
+        """Whether the model is offered the tools (``tool_choice`` is not ``"none"``)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or []]
+
+    def must_call(self) -> list[str] | None:
+        """The tools one of which the answer must call (``"required"`` or a named one), if any."""
+        from corolla.api.tools import allowed_names
+
+        if not self.calling_tools() or self.tool_choice in (None, "auto"):
+            return None
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        choice = self.tool_choice.model_dump() if named else "required"  # type: ignore[union-attr]
+        return allowed_names(self.tool_list(), choice)
 
     def refused(self) -> InvalidField | None:
         for i, message in enumerate(self.messages):
@@ -180,7 +241,26 @@ class ChatCompletionRequest(_Request):
             return InvalidField("max_tokens", "max_tokens: must be at least 1")
         if self.top_logprobs is not None and not self.logprobs:
             return InvalidField("top_logprobs", "top_logprobs: needs logprobs: true")
+        if found := self._refused_tools():
+            return found
         return super().refused()
+
+    def _refused_tools(self) -> InvalidField | None:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            return InvalidField("tools", "tools: two tools have the same name")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            return InvalidField("tool_choice", "tool_choice: needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            name = self.tool_choice.function.name
+            return InvalidField("tool_choice", f"tool_choice: no tool named {name!r}")
+        if self.must_call() and (self.response_format or {}).get("type", "text") != "text":
+            return InvalidField("response_format", "response_format: not with a required tool call")
+        for i, message in enumerate(self.messages):
+            if message.role == "tool" and not message.tool_call_id:
+                where = f"messages.{i}.tool_call_id"
+                return InvalidField(where, f"{where}: a tool result needs it")
+        return None
 
     def sampling(self) -> SamplingParams:
         params = super().sampling()
@@ -188,7 +268,13 @@ class ChatCompletionRequest(_Request):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         from corolla.api.constrained import grammar_for  # (it raises errors.py's, which imports us)
 
-        grammar = grammar_for(self.response_format)  # a format it cannot follow: InvalidRequest (400)
+        response_format = self.response_format
+        if calls := self.must_call():  # decoding makes one call of these tools (tools.py)
+            from corolla.api.tools import call_schema
+
+            schema = call_schema(self.tool_list(), calls)
+            response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
+        grammar = grammar_for(response_format)  # a format it cannot follow: InvalidRequest (400)
         return SamplingParams(
             **{**params.__dict__, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar}
         )
@@ -262,7 +348,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -314,6 +401,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -151,12 +151,15 @@ async def event_stream(
         while True:
             if isinstance(event, Finished):
                 finished[index] = event
-                if len(finished) == len(choices):
-                    yield sse(fmt.closing(event, index, Summary.of(finished, prompt_tokens)))
+                last = len(finished) == len(choices)
+                for payload in fmt.closing(
+                    event, index, Summary.of(finished, prompt_tokens) if last else None
+                ):
+                    yield sse(payload)
+                if last:
                     break
-                yield sse(fmt.closing(event, index, None))
-            else:
-                yield sse(fmt.chunk(event, index))
+            elif (payload := fmt.chunk(event, index)) is not None:
+                yield sse(payload)
             index, event = await choices.next()
     except Exception as error:
         yield sse(api_error(error).body())

@@ -28,11 +28,13 @@ class FakeEngine:
         self.pieces, self.error, self.complete = list(pieces), error, complete
         self.params: list[SamplingParams] = []
         self.prompts: list[list[int]] = []
-        self.messages: list[list[dict[str, str]]] = []
+        self.messages: list[list[dict[str, Any]]] = []
+        self.tools: list[list[dict[str, Any]] | None] = []
         self.done = threading.Event()
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
         self.messages.append(messages)
+        self.tools.append(tools)
         return [1, 2, 3, 4]
 
     def encode_text(self, prompt: str | list[int]) -> list[int]:

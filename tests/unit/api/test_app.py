@@ -127,7 +127,8 @@ def test_unknown_model_is_400_naming_the_available_one(engine: FakeEngine) -> No
 @pytest.mark.parametrize(
     ("path", "body", "param", "code"),
     [
-        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions",
+         "unsupported_parameter"),
         ("/v1/chat/completions", {**CHAT, "frobnicate": 1}, "frobnicate", "unsupported_parameter"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hi", "name": "x"}]},
          "messages.0.name", "unsupported_parameter"),
@@ -221,3 +222,46 @@ def test_each_app_has_its_own_registry() -> None:
     first, second = client_for(FakeEngine()), client_for(FakeEngine())
     first.post("/v1/chat/completions", json=CHAT)
     assert "corolla_api_generated_tokens_total 0.0" in second.get("/metrics").text
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls_whole_or_streamed() -> None:
+    engine = FakeEngine(pieces=('{"name": "get_weather", ', '"arguments": {"city": "Paris"}}'))
+    client = client_for(engine)
+    body = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER]}).json()
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert engine.tools[0] == [WEATHER]
+    chunks = events(client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "stream": True}))
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1] if c["choices"]]
+    assert not any("content" in d and d["content"] for d in deltas)  # a call is never streamed as text
+    (streamed,) = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert streamed[0]["index"] == 0 and streamed[0]["function"]["name"] == "get_weather"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_with_tools_a_text_answer_stays_text_and_tool_choice_none_hides_them(engine: FakeEngine) -> None:
+    client = client_for(engine)
+    body = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER]}).json()
+    assert (
+        body["choices"][0]["message"]["content"] == "Hello!"
+        and "tool_calls" not in body["choices"][0]["message"]
+    )
+    chunks = events(client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "stream": True}))
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1] if c["choices"])
+        == "Hello!"
+    )
+    client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER], "tool_choice": "none"})
+    assert engine.tools[-1] is None

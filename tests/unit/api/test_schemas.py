@@ -133,8 +133,7 @@ def test_logprobs_and_echo_resolve_to_sampling_params() -> None:
         ("presence_penalty", 0.5),
         ("frequency_penalty", -1),
         ("logit_bias", {"42": 100}),
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "required"),
+        ("functions", [{"name": "f"}]),
         ("modalities", ["text", "audio"]),
         ("reasoning_effort", "high"),
     ],
@@ -165,6 +164,41 @@ def test_unknown_fields_are_refused_as_openai_does() -> None:
 def test_message_fields_that_would_change_the_answer_are_refused() -> None:
     named = chat(messages=[{"role": "user", "content": "Hi", "name": "bob"}]).refused()
     assert named is not None and named.param == "messages.0.name"
-    calls = chat(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [{}]}])
-    assert (refused := calls.refused()) is not None and refused.param == "messages.1.tool_calls"
+    audio = chat(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "audio": {"id": "x"}}])
+    assert (refused := audio.refused()) is not None and refused.param == "messages.1.audio"
     assert chat(messages=[{"role": "assistant", "content": "Hi", "refusal": None}]).refused() is None
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tool_requests_are_checked() -> None:
+    assert chat(tools=[WEATHER], tool_choice="required").must_call() == ["get_weather"]
+    assert chat(tools=[WEATHER]).must_call() is None and chat(tools=[WEATHER]).calling_tools()
+    assert not chat(tools=[WEATHER], tool_choice="none").calling_tools()
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert chat(tools=[WEATHER], tool_choice=named).must_call() == ["get_weather"]
+    assert chat(tools=[WEATHER], tool_choice="required").sampling().grammar is not None  # constrained
+    assert chat(tools=[WEATHER]).sampling().grammar is None
+    for fields, param in (
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "response_format"),
+        ({"messages": [{"role": "tool", "content": "sunny"}]}, "messages.0.tool_call_id"),
+    ):  # fmt: skip
+        refused = chat(**fields).refused()
+        assert refused is not None and refused.param == param, (fields, refused)
+    param, _ = rejection(
+        ChatCompletionRequest, {**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}
+    )
+    assert param == "tools"

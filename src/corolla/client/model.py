@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from corolla.client.manager import SequenceManager
 from corolla.client.remote import RemoteModel, Tuning, build
 from corolla.client.session import InferenceSession
+from corolla.errors import CorollaError
 from corolla.models.families import Family
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ class DistributedModelForCausalLM(RemoteModel, GenerationMixin):
         self._threads.default = session
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+    def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[InferenceSession]:
         """``with model.inference_session(max_length=N) as s:`` — servers keep the KV cache; inside the
-        block, ``generate`` continues this session unless given another one."""
+        block, ``generate`` continues this session unless given another one. ``batch_size`` defaults to
+        the first step's, as in Petals."""
         session = self._new_session(max_length, batch_size)
         previous, self._default_session = self._default_session, session
         try:
@@ -86,10 +88,16 @@ class DistributedModelForCausalLM(RemoteModel, GenerationMixin):
         self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs: Any
     ) -> Any:
         """``transformers`` generate; with ``session`` the prompt continues that session's history
-        and the servers keep the cache. Returns ``inputs`` + new tokens, as transformers does."""
+        and the servers keep the cache. Returns ``inputs`` + new tokens, as transformers does.
+        ``generate(None)`` in a session continues it with no new prompt tokens, as in Petals (then
+        only the new tokens are returned)."""
         session = session or self._default_session
         if inputs is None:
-            inputs = kwargs.pop("input_ids")
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None:
+            if session is None or session.token_ids is None:
+                raise CorollaError("generate(None) continues a session that has generated; give input_ids")
+            inputs = session.token_ids[:, :0]
         kwargs.pop("attention_mask", None)  # no padding support: every token is attended
         if session is None:
             max_length = self._max_length(inputs, kwargs)
@@ -106,7 +114,7 @@ class DistributedModelForCausalLM(RemoteModel, GenerationMixin):
         out.sequences = sequences[:, history.shape[1] :]
         return out
 
-    def _new_session(self, max_length: int, batch_size: int) -> InferenceSession:
+    def _new_session(self, max_length: int, batch_size: int | None) -> InferenceSession:
         """A session with room for the prompt positions of prompt tuning, on the tuned adapter."""
         return InferenceSession(
             self.manager, max_length + self.tuning.pre_seq_len, batch_size, adapter=self.tuning.active_adapter

@@ -2,12 +2,18 @@
 are remote, the local weights (embeddings, positions, final norm), trainable prompts for prompt
 tuning, and the pass of hidden states through the swarm.
 
+The base model also answers to Petals' names (``transformer``, ``word_embeddings``, ``h``, ``ln_f``,
+``word_embeddings_layernorm``), and its decoder layers are the remote blocks (``RemoteSequential``),
+so Petals code runs with only its import changed.
+
 ``tuning_mode="ptune"`` prepends ``pre_seq_len`` trainable embeddings to every input;
 ``"deep_ptune"`` also adds a trainable prompt to those positions before every block (the servers
 add them; P-tuning v2, as Petals does). Everything else stays frozen."""
 
 from __future__ import annotations
 
+import functools
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from corolla.client.manager import SequenceManager
-from corolla.client.sequential import remote_sequential
+from corolla.client.sequential import RemoteSequential, remote_sequential
 from corolla.client.session import InferenceSession
 from corolla.config import ClientConfig, default_cache_dir
 from corolla.errors import ConfigError, ModelNotFound
@@ -67,10 +73,24 @@ class RemoteModel(PreTrainedModel):
         model._load_local_weights(model_dir)
         model.manager, model.tuning = manager, tuning
         model._threads = threading.local()  # sessions are per thread: threads may generate concurrently
+        model._use_petals_names(RemoteSequential(manager, adapter=tuning.active_adapter))
         model.eval().requires_grad_(False)
         use_onednn_linears(model)  # the LM head: faster per token on CPU, autograd unchanged
         model._add_prompts()
         return model
+
+    @property
+    def transformer(self) -> nn.Module:
+        """The base model under Petals' name: ``transformer`` already for BLOOM, Falcon and GPT-2;
+        ``model`` for the Llama-like families (Petals' Llama answers to both)."""
+        return self._modules[self.family.body]
+
+    def _use_petals_names(self, blocks: RemoteSequential) -> None:
+        """Put the remote blocks where the family keeps its decoder layers (``transformer.h``,
+        ``model.layers``) and give the base model Petals' names (``petals_body_class``)."""
+        self.family.set_layers(self, blocks)
+        body = self.transformer
+        body.__class__ = petals_body_class(type(body), self.family)
 
     def _load_local_weights(self, model_dir: Path) -> None:
         """Every tensor of the checkpoint outside the decoder layers (embeddings, positions, norms,
@@ -159,6 +179,26 @@ class RemoteModel(PreTrainedModel):
         return self.family.final_norm(self)(out.to(inputs_embeds.dtype)[:, prefix:])
 
 
+@functools.cache
+def petals_body_class(base: type[nn.Module], family: Family) -> type[nn.Module]:
+    """``base``, a family's base model class, with Petals' names for its modules where transformers
+    names them otherwise: ``word_embeddings``, ``h`` (the remote blocks), ``ln_f``, and an identity
+    ``word_embeddings_layernorm`` where the family has no embedding norm (as Petals' Llama, Mixtral and
+    Falcon have). Properties, so the state dict keeps one name per tensor. GPT-2, which Petals does
+    not serve, keeps transformers' names (its ``wte`` alone is not what enters block 0)."""
+    if family.style == "gpt2":
+        return base
+    names = {"word_embeddings": family.embed_path, "h": family.layers_path, "ln_f": family.norm_path}
+    aliases: dict[str, property] = {}
+    for alias, path in names.items():
+        own = path.removeprefix(f"{family.body}.")
+        if own != alias:
+            aliases[alias] = property(operator.attrgetter(own))
+    if family.style != "bloom":
+        aliases["word_embeddings_layernorm"] = property(lambda _: nn.Identity())
+    return type(f"Distributed{base.__name__}", (base,), aliases) if aliases else base
+
+
 def build(
     class_for: Callable[[Family], type[M]],
     model_name_or_path: str,
@@ -179,6 +219,8 @@ def build(
     the key file of a closed swarm; ``identity_path``: a file keeping this client's peer id (servers'
     ``--allowed_peers`` list peer ids); both override ``client_config``'s."""
     tuning = Tuning(tuning_mode, pre_seq_len, active_adapter)
+    if "torch_dtype" in config_overrides:  # Petals' (and transformers 4's) name; transformers 5 warns on it
+        config_overrides.setdefault("dtype", config_overrides.pop("torch_dtype"))
     resolved = resolve_model(model_name_or_path, cache_dir or default_cache_dir())
     config = AutoConfig.from_pretrained(resolved.path, **config_overrides)
     family = family_for(config)

@@ -5,17 +5,22 @@ deep prompts; the servers' weights stay frozen).
 With ``ClientConfig.verify_fraction`` > 0 a random share of forward passes is verified: each hop is
 re-run on another server holding its blocks and compared (``client/verify.py``); when the hop's
 server is outvoted, the majority's output is used and the server is excluded from this client's
-later passes (``manager.verification`` is the record). Backward passes are not verified."""
+later passes (``manager.verification`` is the record). Backward passes are not verified.
+
+``RemoteSequential`` is the same as a module (Petals' name): a client model's ``transformer.h``."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from corolla.client.manager import SequenceManager
 from corolla.client.routing import Hop
+from corolla.client.session import InferenceSession, prompts_by_block
 from corolla.client.transport import RETRIABLE, call_backward, call_forward
 from corolla.client.verify import Opinion, decide, verifier_candidates
 
@@ -30,17 +35,65 @@ def remote_sequential(
     *,
     prompts: torch.Tensor | None = None,
     adapter: str | None = None,
+    start: int = 0,
+    end: int | None = None,
 ) -> torch.Tensor:
-    """Hidden states after every block of the model. Differentiable when autograd needs it: then
-    ``loss.backward()`` runs backward passes on the same servers (re-routed if one fails).
-    ``prompts``: deep prompts [num_blocks, batch, prefix, hidden]."""
+    """Hidden states after every block of the model (or blocks ``start..end-1``). Differentiable
+    when autograd needs it: then ``loss.backward()`` runs backward passes on the same servers
+    (re-routed if one fails). ``prompts``: deep prompts [num_blocks, batch, prefix, hidden], indexed
+    by block number (rows outside ``start..end-1`` are not sent)."""
+    end = manager.num_blocks if end is None else end
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or (prompts is not None and prompts.requires_grad)
     )
     if needs_grad:
-        return _RemoteChain.apply(hidden, prompts, manager, adapter)
-    out, _ = forward_span(manager, hidden, 0, manager.num_blocks, prompts, adapter)
+        return _RemoteChain.apply(hidden, prompts, manager, adapter, start, end)
+    out, _ = forward_span(manager, hidden, start, end, prompts, adapter)
     return out.to(hidden.dtype)
+
+
+class RemoteSequential(nn.Module):
+    """Blocks ``start..end-1`` of the swarm as one module, as Petals' ``RemoteSequential``: a client
+    model's ``transformer.h`` (``model.layers`` for Llama-like families), so Petals code that calls
+    the blocks runs unchanged. ``h(hidden)`` runs them (differentiable, see ``remote_sequential``),
+    ``h[3:7]`` and ``h[3]`` are the same for fewer blocks, ``len(h)`` counts them, and
+    ``h.inference_session(max_length=N)`` opens a session over them. No weights live here."""
+
+    def __init__(
+        self, manager: SequenceManager, start: int = 0, end: int | None = None, *, adapter: str | None = None
+    ) -> None:
+        super().__init__()
+        self.manager, self.adapter = manager, adapter
+        self.start, self.end = start, manager.num_blocks if end is None else end
+
+    def forward(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` [batch, seq, hidden] through these blocks; ``prompts``: deep prompts of these
+        blocks [len(self), batch, prefix, hidden]."""
+        return remote_sequential(self.manager, hidden, prompts=prompts_by_block(prompts, self.start),
+                                 adapter=self.adapter, start=self.start, end=self.end)  # fmt: skip
+
+    def __getitem__(self, index: int | slice) -> RemoteSequential:
+        blocks = range(self.start, self.end)[index]
+        if isinstance(blocks, int):
+            return RemoteSequential(self.manager, blocks, blocks + 1, adapter=self.adapter)
+        if blocks.step != 1:
+            raise ValueError("remote blocks run in order: a slice of them takes no step")
+        return RemoteSequential(self.manager, blocks.start, blocks.stop, adapter=self.adapter)
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[RemoteSequential]:
+        return (self[i] for i in range(len(self)))
+
+    def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
+        """A session over these blocks (servers keep the KV cache); ``with h.inference_session(...) as s:
+        s.step(hidden)``. ``batch_size`` defaults to the first step's."""
+        return InferenceSession(self.manager, max_length, batch_size, adapter=self.adapter,
+                                start=self.start, end=self.end)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.start}:{self.end}"
 
 
 def remote_forward(manager: SequenceManager, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,9 +234,11 @@ class _RemoteChain(torch.autograd.Function):
         prompts: torch.Tensor | None,
         manager: SequenceManager,
         adapter: str | None,
+        start: int,
+        end: int,
     ) -> torch.Tensor:
         detached = None if prompts is None else prompts.detach()
-        out, record = forward_span(manager, hidden.detach(), 0, manager.num_blocks, detached, adapter)
+        out, record = forward_span(manager, hidden.detach(), start, end, detached, adapter)
         ctx.manager, ctx.adapter, ctx.record, ctx.prompts = manager, adapter, record, detached
         ctx.dtype = hidden.dtype
         return out.to(hidden.dtype)
@@ -194,7 +249,7 @@ class _RemoteChain(torch.autograd.Function):
         grad_prompts = None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32)
         grad_in = backward_span(ctx.manager, ctx.record, grad_out, prompts, ctx.adapter, grad_prompts)
         grad_prompts_out = None if grad_prompts is None else grad_prompts.to(prompts.dtype)  # type: ignore[union-attr]
-        return grad_in.to(ctx.dtype), grad_prompts_out, None, None
+        return grad_in.to(ctx.dtype), grad_prompts_out, None, None, None, None
 
 
 def _wire(tensor: torch.Tensor, hop: Hop) -> torch.Tensor:

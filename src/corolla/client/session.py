@@ -58,9 +58,18 @@ class InferenceSession:
     """``with model.inference_session(max_length=N) as s:`` — steps hidden states through the swarm."""
 
     def __init__(
-        self, manager: SequenceManager, max_length: int, batch_size: int = 1, *, adapter: str | None = None
+        self,
+        manager: SequenceManager,
+        max_length: int,
+        batch_size: int | None = None,
+        *,
+        adapter: str | None = None,
+        start: int = 0,
+        end: int | None = None,
     ) -> None:
-        self.manager, self.max_length, self.batch_size = manager, max_length, batch_size
+        self.manager, self.max_length = manager, max_length
+        self.batch_size = batch_size  # None: the first step's (servers size their caches by it)
+        self.start, self.end = start, manager.num_blocks if end is None else end  # the blocks it runs
         self.adapter = adapter  # the LoRA adapter the servers compute with (None: base weights)
         self.position = 0
         self.prefix_length = 0  # prompt-tuning positions before the first token (set by the model)
@@ -87,20 +96,24 @@ class InferenceSession:
         self.close()
 
     def step(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Send hidden states for the next positions through every block; returns the last block's
-        output. Deep ``prompts`` [blocks, batch, prefix, hidden] go with the first step (servers add
-        them to positions below ``prefix``); a session with prompts does not use server push."""
+        """Send hidden states [batch, new positions, hidden] through every block of the session;
+        returns the last block's output. Deep ``prompts`` [blocks, batch, prefix, hidden] go with the
+        first step (servers add them to positions below ``prefix``); a session with prompts does not
+        use server push. A step of no positions does nothing (Petals' callers make such steps)."""
         if self.closed:
             raise CorollaError("this inference session is closed; open a new one")
+        if hidden.shape[1] == 0:
+            return hidden.new_empty(hidden.shape)
         if self.position + hidden.shape[1] > self.max_length:
             raise CorollaError(
                 f"the session's max_length {self.max_length} would be exceeded; "
                 "open a session with a larger max_length"
             )
         if prompts is not None:
-            self.prompts = prompts.detach()
+            self.prompts = prompts_by_block(prompts.detach(), self.start)
         if not self._hops:
-            self._hops = self._open(0, self.manager.num_blocks)
+            self.batch_size = self.batch_size or hidden.shape[0]
+            self._hops = self._open(self.start, self.end)
         self._step_id += 1
         verify, self._agreed = self.verification.sample(), {}
         try:
@@ -378,3 +391,11 @@ class InferenceSession:
             self._close_streams(self._hops)
             self._close_streams([v for pool in self._verifiers.values() for v in pool])
             self._verifiers.clear()
+
+
+def prompts_by_block(prompts: torch.Tensor | None, start: int) -> torch.Tensor | None:
+    """Deep prompts of blocks ``start..`` indexed by block number, as hops take them: zero rows for
+    the blocks before ``start`` (never sent). Differentiable."""
+    if prompts is None or start == 0:
+        return prompts
+    return torch.cat([prompts.new_zeros(start, *prompts.shape[1:]), prompts])

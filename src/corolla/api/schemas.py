@@ -45,7 +45,7 @@ class SamplingParams:
 # OpenAI's request fields that change nothing in the answer: accepted, not used
 NEUTRAL_FIELDS = frozenset(
     {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "stream_options",
-     "parallel_tool_calls"}
+     "parallel_tool_calls", "prompt_cache_retention", "prompt_cache_options"}
 )  # fmt: skip
 # OpenAI's fields this server does not implement -> whether a value is their neutral one (accepted)
 NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
@@ -59,6 +59,7 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "audio": lambda v: v is None,
     "prediction": lambda v: v is None,
     "web_search_options": lambda v: v is None,
+    "moderation": lambda v: v is None,
     "reasoning_effort": lambda v: v is None,
     "verbosity": lambda v: v is None,
     "best_of": lambda v: v in (None, 1),

@@ -462,3 +462,58 @@ def test_the_command_serves_the_swarm_and_stops_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+MC_QUESTIONS = [
+    ("The capital of France is", [" Paris", " Rome", " Berlin", " Madrid"], 0),
+    ("Two plus two is", [" three", " four", " five", " six"], 1),
+    ("The sky on a clear day is", [" green", " red", " blue", " black"], 2),
+    ("Water freezes at zero degrees", [" Kelvin", " Fahrenheit", " Rankine", " Celsius"], 3),
+    ("The largest planet is", [" Jupiter", " Mars", " Venus", " Mercury"], 0),
+    ("A week has", [" five days", " seven days", " ten days", " two days"], 1),
+]
+
+
+def test_lm_evaluation_harness_scores_a_multiple_choice_task_as_it_does_locally(
+    api: Api, model_dir: Path, tmp_path: Path
+) -> None:
+    """lm-evaluation-harness (released, unmodified) runs a multiple-choice task from a local jsonl
+    through ``local-completions`` against the swarm with its default request settings (token-id
+    prompts, echo, logprobs=1, max_tokens=1), and every answer's log-likelihood, and so the
+    accuracy, equals its own ``hf`` model's on the same weights locally."""
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(
+        json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in MC_QUESTIONS
+    ))  # fmt: skip
+    (tmp_path / "corolla_mc.yaml").write_text(
+        "task: corolla_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    tasks = TaskManager(include_path=str(tmp_path))
+
+    def evaluate(model: str, model_args: str) -> tuple[float, list[float]]:
+        results = simple_evaluate(
+            model=model, model_args=model_args, tasks=["corolla_mc"], task_manager=tasks, log_samples=True
+        )
+        assert results is not None
+        samples = sorted(results["samples"]["corolla_mc"], key=lambda s: s["doc_id"])
+        scores = [float(resp[0][0]) for sample in samples for resp in sample["resps"]]
+        return float(results["results"]["corolla_mc"]["acc,none"]), scores
+
+    swarm_acc, swarm_scores = evaluate(
+        "local-completions",
+        f"model={model_dir},base_url={api.url}/v1/completions,tokenizer_backend=huggingface,"
+        f"tokenizer={model_dir},max_retries=1",
+    )
+    local_acc, local_scores = evaluate("hf", f"pretrained={model_dir},dtype=float32,device=cpu")
+    assert len(swarm_scores) == sum(len(c) for _, c, _ in MC_QUESTIONS)
+    assert swarm_scores == pytest.approx(local_scores, abs=1e-3)
+    assert swarm_acc == local_acc

@@ -57,7 +57,8 @@ def run_server(config: ServerConfig, plan: ServerPlan) -> None:
     try:
         asyncio.run(server.serve())
     finally:
-        server.identity.discard()  # a temporary identity file, if joining never read it
+        if server.identity is not None:
+            server.identity.discard()  # a temporary identity file, if joining never read it
 
 
 class Server:

@@ -83,11 +83,27 @@ def test_the_prompt_tuning_example_trains_through_the_swarm(two_servers: list[Lo
     assert "prompt tuning" in result.stderr  # the progress bar
 
 
-JSON_PROMPTS = [  # the built-in model closes the first three; it rambles on the last one
+JSON_PROMPTS = [
     "Give the capital of France as JSON.",
     "List three colours in JSON.",
     "A JSON object with a name and an age.",
     "Describe a cat as JSON.",
+    "The weather today, as JSON.",
+    "Your favourite book, in JSON.",
+    "Two numbers and their sum as JSON.",
+    "A recipe for tea as a JSON object.",
+    "The planets you know, in JSON.",
+    "A greeting in JSON.",
+    "A person with a name and a city, as JSON.",
+    "Three fruits and their colours in JSON.",
+    "The days of the week as JSON.",
+    "A book with a title and an author in JSON.",
+    "A car with a make and a year, as JSON.",
+    "Your name as a JSON object.",
+    "A song with a title and an artist in JSON.",
+    "The primary colours as JSON.",
+    "A dog with a name and a breed, in JSON.",
+    "A movie with a title and a year as JSON.",
 ]
 
 
@@ -112,8 +128,9 @@ def chat(api: Any, messages: list[dict[str, Any]], **fields: Any) -> dict[str, A
 
 
 def test_structured_output_parses_and_matches_the_schema(api: Any) -> None:
-    """Every json_object answer that ends parses (one cut short by max_tokens is the start of an
-    object, as OpenAI's), and a json_schema answer is an object of that schema."""
+    """Every json_object answer that ends parses, over 20 prompts answered at once (one cut short by
+    max_tokens is the start of an object, as OpenAI's), and a json_schema answer is an object of
+    that schema."""
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(content: str, response_format: dict[str, Any]) -> tuple[str, str]:
@@ -122,9 +139,10 @@ def test_structured_output_parses_and_matches_the_schema(api: Any) -> None:
 
     with ThreadPoolExecutor(len(JSON_PROMPTS)) as pool:  # at once: the servers batch them
         answers = list(pool.map(lambda p: ask(p, {"type": "json_object"}), JSON_PROMPTS))
-    assert [reason for _, reason in answers] == ["stop", "stop", "stop", "length"], answers
-    assert all(isinstance(json.loads(text), dict) for text, _ in answers[:3]), answers
-    assert answers[3][0].startswith("{")
+    ended = [text for text, reason in answers if reason == "stop"]
+    assert all(isinstance(json.loads(text), dict) for text in ended), answers
+    assert all(text.startswith("{") for text, _ in answers), answers
+    assert len(ended) >= 5, answers  # 7 of 20 end within 32 tokens; the 135M model rambles on the rest
     schema = {
         "type": "object",
         "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
@@ -165,3 +183,25 @@ def test_an_agent_round_trip_calls_the_tool_then_answers_from_its_result(api: An
     assert second["finish_reason"] in ("stop", "length") and second["message"]["content"], second
     assert "tool_calls" not in second["message"]
     assert "sunny" in second["message"]["content"].lower() or "21" in second["message"]["content"], second
+
+
+def test_langchain_structured_output_returns_valid_objects_in_every_mode(api: Any) -> None:
+    """LangChain's ``ChatOpenAI(...).with_structured_output(Model)``, unchanged, in its three modes:
+    json_schema (its default), function_calling (a named tool) and json_mode (json_object)."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Capital(BaseModel):
+        city: str
+        country: str
+
+    chat_model = ChatOpenAI(
+        model=BUILTIN_MODEL, base_url=f"{api.base_url}/v1", api_key="anything", http_client=api,
+        temperature=0, max_tokens=32, max_retries=0,
+    )  # fmt: skip
+    for method in ("json_schema", "function_calling", "json_mode"):
+        # json_mode constrains to any object: the keys must come from the prompt, as with OpenAI
+        keys = " Answer in JSON with keys city and country." if method == "json_mode" else ""
+        prompt = QUESTION + keys
+        answer = chat_model.with_structured_output(Capital, method=method).invoke(prompt)
+        assert isinstance(answer, Capital) and "Paris" in answer.city, (method, answer)

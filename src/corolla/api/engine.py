@@ -25,6 +25,7 @@ from corolla.api.errors import InvalidRequest
 from corolla.api.prompts import Message, encode_chat, encode_text
 from corolla.api.schemas import DEFAULT_MAX_TOKENS, FinishReason, SamplingParams
 from corolla.api.text import IncrementalDecoder, StopScanner
+from corolla.config import LimitsConfig
 from corolla.swarm.spans import ServerSpan, coverage, missing_blocks
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from corolla.client.routing import Hop
 
 logger = logging.getLogger(__name__)
+
+MAX_SESSIONS = LimitsConfig.max_sessions_per_peer  # generations at once (servers' default limit)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,9 @@ class Engine:
         )
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer refuses concurrent mutable use
         self._ll_tokenizer: Any = None  # llguidance's tokenizer, for structured output; built once
+        # every generation is a session on the servers, which allow one peer (all of this API's
+        # users) MAX_SESSIONS at once: more requests, choices (n) or prompts wait for a free one
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
 
     def _grammar_tokenizer(self) -> Any:
         with self._tokenizer_lock:
@@ -331,7 +337,10 @@ class Engine:
     def _run(self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event,
              emit: Emit) -> None:  # fmt: skip
         try:
-            finished = self._generate(prompt_ids, params, cancelled, emit)
+            with self._sessions:  # waits while this client holds as many sessions as a server allows it
+                if cancelled.is_set():
+                    raise InvalidRequest("the request was cancelled before it started")
+                finished = self._generate(prompt_ids, params, cancelled, emit)
         except Exception as error:  # the request's to report, not this thread's
             emit(error)
         else:

@@ -46,3 +46,11 @@ def test_profile_token_splits_a_token_for_each_configuration() -> None:
         "3 sessions, 1 server (per round)",
     }
     assert "steps/pass" in rows["3 sessions, 1 server (per round)"]
+
+
+def test_bench_api_reports_each_way_of_asking_for_several_answers() -> None:
+    report = json.loads(run("bench_api.py", "--choices", "2", "--tokens", "4", "--repeats", "1", "--json"))
+    assert (report["choices"], report["tokens"]) == (2, 4)
+    for name in ("one_by_one", "n", "prompt_list"):
+        assert report[name]["seconds"] > 0 and report[name]["tokens_per_s"] > 0
+    assert report["n"]["speedup"] > 0 and report["prompt_list"]["speedup"] > 0

@@ -14,6 +14,7 @@ import torch
 
 from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from helpers.tools import WEATHER_TOOL
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
@@ -155,14 +156,6 @@ def test_structured_output_parses_and_matches_the_schema(api: Any) -> None:
     assert reason == "stop" and set(city) == {"city", "country"} and "Paris" in city["city"], text
 
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 def test_an_agent_round_trip_calls_the_tool_then_answers_from_its_result(api: Any) -> None:

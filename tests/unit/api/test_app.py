@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from corolla.api.app import create_app
 from corolla.errors import MissingBlocks, RemoteError
+from helpers.tools import WEATHER_TOOL as WEATHER
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -224,13 +225,6 @@ def test_each_app_has_its_own_registry() -> None:
     assert "corolla_api_generated_tokens_total 0.0" in second.get("/metrics").text
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
 
 
 def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls_whole_or_streamed() -> None:

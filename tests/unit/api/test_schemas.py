@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from corolla.api.errors import validation_error
 from corolla.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
+from helpers.tools import WEATHER_TOOL as WEATHER
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -169,14 +170,6 @@ def test_message_fields_that_would_change_the_answer_are_refused() -> None:
     assert chat(messages=[{"role": "assistant", "content": "Hi", "refusal": None}]).refused() is None
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 def test_tool_requests_are_checked() -> None:

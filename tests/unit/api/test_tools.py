@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 
 from corolla.api.tools import call_schema, parse_call, prompt_messages
+from helpers.tools import WEATHER_TOOL as WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TIME = {"type": "function", "function": {"name": "get_time"}}
 NAMES = ["get_weather", "get_time"]
 PARIS_CALL = {

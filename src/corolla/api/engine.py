@@ -66,6 +66,11 @@ class Piece:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
 
+    @classmethod
+    def join(cls, pieces: Sequence[Piece]) -> Piece:
+        """One piece of all their text, with all their tokens' log-probabilities."""
+        return cls("".join(p.text for p in pieces), tuple(s for p in pieces for s in p.logprobs))
+
 
 Event = Piece | Finished | Exception
 Tools = list[dict[str, Any]] | None  # OpenAI's tools (tools.py)

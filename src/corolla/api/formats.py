@@ -143,8 +143,7 @@ class ChatFormat(_Format):
         chunks = []
         reason = finished.finish_reason
         if self.tools:
-            whole = Piece("".join(p.text for p in self.held.get(index, [])),
-                          tuple(s for p in self.held.pop(index, []) for s in p.logprobs))  # fmt: skip
+            whole = Piece.join(self.held.pop(index, []))
             if call := self._call(whole.text):
                 delta = Delta(tool_calls=[call.to_openai(index=0)])
                 chunks.append(self._chunk(ChunkChoice(index=index, delta=delta)))
@@ -159,18 +158,10 @@ class ChatFormat(_Format):
         bodies = []
         for index, (piece, finished) in enumerate(choices):
             scored = chat_logprobs(piece.logprobs) if self.logprobs else None
+            reason, message = finished.finish_reason, AssistantMessage(content=piece.text)
             if call := self._call(piece.text):
-                message = AssistantMessage(content=None, tool_calls=[call.to_openai()])
-                bodies.append(
-                    ChatChoice(index=index, message=message, finish_reason="tool_calls", logprobs=scored)
-                )
-            else:
-                message = AssistantMessage(content=piece.text)
-                bodies.append(
-                    ChatChoice(
-                        index=index, message=message, finish_reason=finished.finish_reason, logprobs=scored
-                    )
-                )
+                reason, message = "tool_calls", AssistantMessage(content=None, tool_calls=[call.to_openai()])
+            bodies.append(ChatChoice(index=index, message=message, finish_reason=reason, logprobs=scored))
         body = ChatCompletion(
             **self._head(), choices=bodies, usage=summary.usage, route=summary.route
         ).model_dump()

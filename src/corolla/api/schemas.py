@@ -2,13 +2,14 @@
 
 No field is silently ignored: a field this server implements is checked here (a bad value is a 400
 in OpenAI's error shape); one of OpenAI's that changes nothing in the answer (``user``, ``store``…)
-is accepted; one it does not implement is accepted only at its neutral value (``tools: []``,
-``response_format: {"type": "text"}``…) and refused otherwise, and an unknown field is refused,
+is accepted; one it does not implement is accepted only at its neutral value
+(``presence_penalty: 0``, ``best_of: 1``…) and refused otherwise, and an unknown field is refused,
 each by ``unsupported_field()`` naming the field, as OpenAI does. Every response (and the last
 streamed chunk) carries a non-standard ``route``: the servers the answer went through."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -276,9 +277,7 @@ class ChatCompletionRequest(_Request):
             schema = call_schema(self.tool_list(), calls)
             response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
         grammar = grammar_for(response_format)  # a format it cannot follow: InvalidRequest (400)
-        return SamplingParams(
-            **{**params.__dict__, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar}
-        )
+        return dataclasses.replace(params, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar)
 
 
 class CompletionRequest(_Request):
@@ -319,7 +318,7 @@ class CompletionRequest(_Request):
 
     def sampling(self) -> SamplingParams:
         params = super().sampling()
-        return SamplingParams(**{**params.__dict__, "logprobs": self.logprobs, "echo": bool(self.echo)})
+        return dataclasses.replace(params, logprobs=self.logprobs, echo=bool(self.echo))
 
 
 # ---------------------------------------------------------------- responses

@@ -107,7 +107,7 @@ class LiveChoices:
                 finished[index] = event
             else:
                 parts[index].append(event)
-        return [(joined(pieces), finished[i]) for i, pieces in enumerate(parts)]
+        return [(Piece.join(pieces), finished[i]) for i, pieces in enumerate(parts)]
 
     def cancel(self) -> None:
         for live in self.lives:
@@ -116,12 +116,8 @@ class LiveChoices:
             pump.cancel()
 
 
-def joined(pieces: Sequence[Piece]) -> Piece:
-    return Piece("".join(p.text for p in pieces), tuple(s for p in pieces for s in p.logprobs))
-
-
 @contextlib.asynccontextmanager
-async def watching_disconnect(request: Request, live: LiveGeneration | LiveChoices) -> AsyncIterator[None]:
+async def watching_disconnect(request: Request, live: LiveChoices) -> AsyncIterator[None]:
     """While inside, a client that goes away cancels ``live`` (checked every ``DISCONNECT_POLL_S``)."""
 
     async def watch() -> None:

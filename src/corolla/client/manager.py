@@ -108,7 +108,6 @@ class SequenceManager:
         """Ban a server that failed; returns a one-line account for logs and errors. After more
         than ``max_retries`` failures of one request, gives up with ``ServerUnavailable``."""
         seconds = self.bans.ban(hop.peer_id)
-        self._dialed.pop(hop.peer_id, None)  # dial it afresh once it is announced again
         account = (
             f"server ...{hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
             f"banned for {seconds:.0f} s"

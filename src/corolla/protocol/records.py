@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 RECORD_VERSION = 1
+MAX_ADDRS = 16  # addresses one record may announce
+Address = Annotated[str, Field(min_length=1, max_length=256)]  # a multiaddr without /p2p/
 
 
 class ServerState(IntEnum):
@@ -37,7 +39,7 @@ class ServerInfo(BaseModel):
     pinned: bool = False  # chose its blocks with --block_indices: never moves when rebalancing
     # where peers can dial it (multiaddrs without /p2p/), most useful first: a peer that learned of
     # it only from the DHT hands these to its P2P daemon, which may not find the server otherwise
-    addrs: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = Field(default=(), max_length=16)
+    addrs: tuple[Address, ...] = Field(default=(), max_length=MAX_ADDRS)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -19,7 +19,7 @@ from corolla import __version__
 from corolla.config import ServerConfig
 from corolla.errors import format_ranges
 from corolla.models.resolve import default_dht_prefix
-from corolla.protocol.records import ServerInfo, ServerState
+from corolla.protocol.records import MAX_ADDRS, ServerInfo, ServerState
 from corolla.runtime.adapters import load_adapters
 from corolla.runtime.backend import SpanBackend
 from corolla.runtime.compute_thread import on_compute_thread
@@ -106,7 +106,7 @@ class Server:
         t0 = time.monotonic()
         dht = await asyncio.to_thread(self._join_swarm)
         self.me = dht.peer_id.to_base58()
-        self.addrs = tuple(maddr.rsplit("/p2p/", 1)[0] for maddr in visible_maddrs(dht))[:16]
+        self.addrs = tuple(maddr.rsplit("/p2p/", 1)[0] for maddr in visible_maddrs(dht))[:MAX_ADDRS]
         try:
             p2p = await dht.replicate_p2p()
             bind_swarm_key(p2p, self.access.swarm_key)  # our calls (pushes, pings) carry proofs

@@ -109,44 +109,39 @@ def assert_all_gone(processes: list[psutil.Process], ports: set[int], what: str)
     assert not ports & listening, f"{what}: ports still listened on: {sorted(ports & listening)}"
 
 
-def kill_and_check(command: Command, what: str) -> None:
-    processes = command.tree()
-    names = [p.name() for p in processes]
-    assert "p2pd" in names and len(processes) >= 3, f"{what}: expected the command, its DHT and p2pd: {names}"
-    ports = listening_ports(processes)
-    os.kill(command.process.pid, signal.SIGKILL)  # the command alone, as the OOM killer would
-    command.process.wait(10)
-    assert_all_gone(processes, ports, what)
+def sigkill_once_ready(args: list[str], ready: str, *, stdout_only: bool = False) -> None:
+    """Start ``corolla ARGS``; once ``ready`` shows, SIGKILL the command alone (as the OOM killer
+    would) and check that its whole process tree and the ports it listened on are gone."""
+    what = f"corolla {args[0]}"
+    command = Command(*args)
+    try:
+        command.wait_for(ready, stdout_only=stdout_only)
+        processes = command.tree()
+        names = [p.name() for p in processes]
+        expected = f"{what}: expected the command, its DHT and p2pd: {names}"
+        assert "p2pd" in names and len(processes) >= 3, expected
+        ports = listening_ports(processes)
+        os.kill(command.process.pid, signal.SIGKILL)
+        command.process.wait(10)
+        assert_all_gone(processes, ports, what)
+    finally:
+        command.stop()
 
 
 def test_sigkill_of_a_server_leaves_nothing_running(chat_model: Path, swarm: LocalServer) -> None:
-    server = Command("serve", str(chat_model), "--initial_peers", swarm.maddr or "", "--block_indices", "0:1")
-    try:
-        server.wait_for(r"Join this swarm")
-        kill_and_check(server, "corolla serve")
-    finally:
-        server.stop()
+    args = ["serve", str(chat_model), "--initial_peers", swarm.maddr or "", "--block_indices", "0:1"]
+    sigkill_once_ready(args, r"Join this swarm")
 
 
 def test_sigkill_of_the_api_leaves_nothing_running(chat_model: Path, swarm: LocalServer) -> None:
-    api = Command("api", str(chat_model), "--initial_peers", swarm.maddr or "", "--port", "0")
-    try:
-        api.wait_for(r": serving .* at http")
-        kill_and_check(api, "corolla api")
-    finally:
-        api.stop()
+    sigkill_once_ready(["api", str(chat_model), "--initial_peers", swarm.maddr or "", "--port", "0"],
+                       r": serving .* at http")  # fmt: skip
 
 
 def test_sigkill_of_generate_mid_answer_leaves_nothing_running(chat_model: Path, swarm: LocalServer) -> None:
-    generate = Command(
-        "generate", str(chat_model), "--initial_peers", swarm.maddr or "", "Tell me a long story.",
-        "--max_new_tokens", "900",
-    )  # fmt: skip
-    try:
-        generate.wait_for(r"\S", stdout_only=True)  # the answer has begun streaming
-        kill_and_check(generate, "corolla generate")
-    finally:
-        generate.stop()
+    args = ["generate", str(chat_model), "--initial_peers", swarm.maddr or "", "Tell me a long story.",
+            "--max_new_tokens", "900"]  # fmt: skip
+    sigkill_once_ready(args, r"\S", stdout_only=True)  # the answer has begun streaming
 
 
 def test_ctrl_c_stops_a_server_cleanly_within_5_seconds(chat_model: Path, swarm: LocalServer) -> None:

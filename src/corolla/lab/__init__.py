@@ -1,0 +1,1 @@
+"""Tools that build a swarm's surroundings on one machine, for tests, benchmarks and by hand."""

@@ -11,6 +11,7 @@ before anything heavy is loaded.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def default_cache_dir() -> str:
         return os.environ["COROLLA_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "corolla")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from "50GB" (powers of 1000), "100GiB" (powers of 1024) or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{flag} {text!r} is not a size; use e.g. 50GB, 100GiB or a number of bytes")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _help(text: str) -> dict[str, str]:
@@ -153,7 +167,10 @@ class ServerConfig:
 
     model: str = field(
         default=BUILTIN_MODEL,
-        metadata=_help("local transformers directory, hub repo id (from the local cache) or built-in name"),
+        metadata=_help(
+            "local transformers directory, hub repo id (only the hosted blocks' bytes are fetched) "
+            "or built-in name"
+        ),
     )
     num_blocks: int | None = field(
         default=None, metadata=_help("how many blocks to host (default: as many as fit in memory); positive")
@@ -202,6 +219,27 @@ class ServerConfig:
     )
     cache_dir: str = field(
         default_factory=default_cache_dir, metadata=_help("where converted models and caches live")
+    )
+    revision: str | None = field(
+        default=None, metadata=_help(
+            "the hub model's branch, tag or commit (default: main); another revision than main also "
+            "names a swarm of its own (the default --dht_prefix ends in -REVISION)"
+        ),
+    )
+    token: str | None = field(
+        default=None,
+        repr=False,
+        metadata=_help(
+            "Hugging Face access token, for gated and private hub models (default: $HF_TOKEN or the "
+            "token saved by 'hf auth login')"
+        ),
+    )
+    max_disk_space: str | None = field(
+        default=None,
+        metadata=_help(
+            "most disk the cached weights of hub models may take under CACHE_DIR/hub, e.g. 50GB or "
+            "100GiB; the least recently used models are evicted to make room (default: no limit)"
+        ),
     )
     throughput: str = field(
         default="auto",
@@ -258,6 +296,8 @@ class ServerConfig:
                     f"--throughput {self.throughput!r} is not valid; "
                     "use auto, eval, dry_run or a positive number"
                 )
+        if self.max_disk_space is not None:
+            parse_size(self.max_disk_space, "--max_disk_space")
         if self.balance_quality < 0:
             raise ConfigError(f"--balance_quality must be >= 0, got {self.balance_quality}")
         if self.num_blocks is not None and self.block_indices is not None:
@@ -290,6 +330,10 @@ class ServerConfig:
     def fixed_throughput(self) -> float | None:
         """The number given to --throughput, or None for auto/eval/dry_run."""
         return None if self.throughput in THROUGHPUT_MODES else float(self.throughput)
+
+    @property
+    def max_disk_space_bytes(self) -> int | None:
+        return None if self.max_disk_space is None else parse_size(self.max_disk_space, "--max_disk_space")
 
     @property
     def record_expiration(self) -> float:

@@ -165,3 +165,21 @@ def test_session_limits_default_to_failing_at_once_and_16_sessions_per_peer() ->
     assert LimitsConfig(max_alloc_timeout=0).max_alloc_timeout == 0
     with pytest.raises(ConfigError, match=r"^--max_sessions_per_peer must be positive, got 0$"):
         LimitsConfig(max_sessions_per_peer=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("50GB", 50 * 10**9), ("100GiB", 100 * 2**30), ("1.5 MiB", 3 * 2**19), ("4096", 4096), ("10kb", 10_000)],
+)
+def test_max_disk_space_sizes(text: str, size: int) -> None:
+    assert ServerConfig(max_disk_space=text).max_disk_space_bytes == size
+
+
+@pytest.mark.parametrize("text", ["lots", "10 parsecs", "-5GB", "0", ""])
+def test_max_disk_space_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(ConfigError, match="--max_disk_space .* is not a size; use e.g. 50GB"):
+        ServerConfig(max_disk_space=text)
+
+
+def test_the_token_stays_out_of_the_config_repr() -> None:
+    assert "hf_secret" not in repr(ServerConfig(token="hf_secret"))

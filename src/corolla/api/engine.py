@@ -244,25 +244,27 @@ class Engine:
     def load(
         cls, model_id: str, *, initial_peers: Sequence[str], dht_prefix: str | None = None,
         cache_dir: str | None = None, max_wait_for_blocks: float = 5.0, swarm_key: str | None = None,
-        identity_path: str | None = None,
+        identity_path: str | None = None, revision: str | None = None, token: str | None = None,
     ) -> Engine:  # fmt: skip
         """Resolve the model, load its tokenizer and the client half of the model, join the swarm
-        (a closed one with ``swarm_key``, the key file; ``identity_path`` keeps the client's peer id)."""
+        (a closed one with ``swarm_key``, the key file; ``identity_path`` keeps the client's peer id);
+        ``revision``/``token``: a hub model's branch, tag or commit and an access token."""
         from transformers import AutoTokenizer
 
         from corolla.client.model import AutoDistributedModelForCausalLM
         from corolla.config import ClientConfig, default_cache_dir
         from corolla.models.resolve import resolve_model
 
-        resolved = resolve_model(model_id, cache_dir or default_cache_dir())
+        resolved = resolve_model(model_id, cache_dir or default_cache_dir(), revision=revision, token=token)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         client = ClientConfig(
             initial_peers=tuple(initial_peers), max_wait_for_blocks=max_wait_for_blocks,
             swarm_key=swarm_key, identity_path=identity_path,
         )  # fmt: skip
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_id, dht_prefix=dht_prefix, cache_dir=cache_dir, client_config=client
-        )
+            model_id, dht_prefix=dht_prefix, cache_dir=cache_dir, client_config=client, revision=revision,
+            token=token,
+        )  # fmt: skip
         return cls(model_id, model, tokenizer, aliases=[resolved.name])
 
     @property

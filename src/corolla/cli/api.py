@@ -102,6 +102,8 @@ def serve(args: argparse.Namespace, sock: socket.socket) -> None:
         max_wait_for_blocks=args.max_wait_for_blocks,
         swarm_key=args.swarm_key,
         identity_path=args.identity_path,
+        revision=args.revision,
+        token=args.token,
     )
     try:
         metrics = ApiMetrics()

@@ -52,7 +52,11 @@ class FlagGroup:
 
 
 SERVER_GROUPS = (
-    FlagGroup("model", ServerConfig, ("model", "dht_prefix", "cache_dir", "adapters")),
+    FlagGroup(
+        "model",
+        ServerConfig,
+        ("model", "dht_prefix", "cache_dir", "revision", "token", "max_disk_space", "adapters"),
+    ),
     FlagGroup(
         "blocks",
         ServerConfig,
@@ -203,6 +207,8 @@ def parse_block_indices(text: str) -> tuple[int, int]:
 def setup_logging(level: int = logging.INFO) -> None:
     """Readable logs on stderr; only CLI entry points call this, never an import."""
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
+    for chatty in ("httpx", "httpx2"):  # a line per HTTP request (hub downloads: one per range)
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def route_hivemind_logs() -> None:
@@ -256,6 +262,15 @@ def client_parser(prog: str, description: str | None, *, swarm: bool = True) -> 
             help="file with a persistent peer identity (created if missing): keeps this client's peer id "
             "for servers' --allowed_peers; none: a new peer id each run",
         )
+        p.add_argument(
+            "--revision", default=None,
+            help="a hub model's branch, tag or commit, as its servers' --revision (default: main)",
+        )  # fmt: skip
+        p.add_argument(
+            "--token", default=None,
+            help="Hugging Face access token for gated and private hub models (default: $HF_TOKEN or the "
+            "token saved by 'hf auth login')",
+        )  # fmt: skip
     p.add_argument("--cache_dir", default=default_cache_dir(), help="where converted models live")
     return p
 

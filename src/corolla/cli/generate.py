@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> None:
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.resolve import resolve_model
 
-    path = resolve_model(args.model, args.cache_dir).path
+    path = resolve_model(args.model, args.cache_dir, revision=args.revision, token=args.token).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, cache_dir=args.cache_dir,
-        swarm_key=args.swarm_key, identity_path=args.identity_path,
+        swarm_key=args.swarm_key, identity_path=args.identity_path, revision=args.revision, token=args.token,
     )  # fmt: skip
     input_ids = encode_prompt(tokenizer, args.prompt, not args.no_chat_template)
     sampling = (

@@ -42,18 +42,21 @@ def positive_int(text: str) -> int:
 
 
 def swarm_layout(
-    model: str, dht_prefix: str | None, num_blocks: int | None, cache_dir: str
-) -> tuple[str, int]:
+    model: str, dht_prefix: str | None, num_blocks: int | None, cache_dir: str, revision: str | None = None,
+    token: str | None = None,
+) -> tuple[str, int]:  # fmt: skip
     """The model's DHT prefix and number of blocks; the model is read only for what the flags leave out."""
     if dht_prefix is not None and num_blocks is not None:
         return dht_prefix, num_blocks
     from corolla.models.resolve import default_dht_prefix
 
-    name, layers = model_layout(model, cache_dir)
-    return dht_prefix or default_dht_prefix(name), num_blocks or layers
+    name, layers = model_layout(model, cache_dir, revision, token)
+    return dht_prefix or default_dht_prefix(name, revision), num_blocks or layers
 
 
-def model_layout(model: str, cache_dir: str) -> tuple[str, int]:
+def model_layout(
+    model: str, cache_dir: str, revision: str | None = None, token: str | None = None
+) -> tuple[str, int]:
     """(canonical name, number of blocks); the built-in model's are known without converting it."""
     from corolla.models.builtin import find_builtin
     from corolla.models.resolve import resolve_model
@@ -62,7 +65,7 @@ def model_layout(model: str, cache_dir: str) -> tuple[str, int]:
     if spec is not None and spec.num_layers > 0:
         return spec.name, spec.num_layers
     try:
-        resolved = resolve_model(model, cache_dir)
+        resolved = resolve_model(model, cache_dir, revision=revision, token=token)
     except ModelNotFound as error:
         raise ModelNotFound(f"{error}; or give --dht_prefix and --num_blocks to skip reading it") from None
     return resolved.name, num_layers(resolved.path)
@@ -94,7 +97,9 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
-    dht_prefix, num_blocks = swarm_layout(args.model, args.dht_prefix, args.num_blocks, args.cache_dir)
+    dht_prefix, num_blocks = swarm_layout(
+        args.model, args.dht_prefix, args.num_blocks, args.cache_dir, args.revision, args.token
+    )
 
     from corolla.swarm.dht import start_dht  # imports hivemind: after the cheap checks
     from corolla.swarm.registry import fetch_block_records, foreign_records_hint

@@ -30,7 +30,7 @@ def check_server_config(config: ServerConfig) -> ServerPlan:
     device = tp_devices[0] if tp_devices else resolve_device(config.device)
     if config.torch_dtype != "auto":
         resolve_dtype(config.torch_dtype, device, None)  # float16 on CPU: refuse before touching the model
-    model = resolve_model(config.model, config.cache_dir)
+    model = resolve_model(config.model, config.cache_dir, revision=config.revision, token=config.token)
     model_config = load_config(model.path)
     family = check_supported(model_config)
     if tp_devices:
@@ -46,8 +46,9 @@ def check_server_config(config: ServerConfig) -> ServerPlan:
     if warning:
         logger.warning(warning)
     return ServerPlan(
-        model.path, model.name, model_config, family, device, dtype, quant_type, tp_devices, adapters
-    )
+        model.path, model.name, model_config, family, device, dtype, quant_type, tp_devices, adapters,
+        model,
+    )  # fmt: skip
 
 
 def resolve_quant_type(requested: str, device: torch.device) -> str:

@@ -19,7 +19,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.client.manager import SequenceManager
-from corolla.client.remote import RemoteModel, Tuning, build
+from corolla.client.remote import Fetch, RemoteModel, Tuning, build
 from corolla.client.session import InferenceSession
 from corolla.errors import CorollaError
 from corolla.models.families import Family
@@ -34,9 +34,10 @@ class DistributedModelForCausalLM(RemoteModel, GenerationMixin):
 
     @classmethod
     def from_swarm(
-        cls, model_dir: Path, config: PretrainedConfig, manager: SequenceManager, tuning: Tuning | None = None
-    ) -> DistributedModelForCausalLM:
-        model = super().from_swarm(model_dir, config, manager, tuning or Tuning())
+        cls, model_dir: Path, config: PretrainedConfig, manager: SequenceManager,
+        tuning: Tuning | None = None, fetch: Fetch | None = None,
+    ) -> DistributedModelForCausalLM:  # fmt: skip
+        model = super().from_swarm(model_dir, config, manager, tuning or Tuning(), fetch)
         if (model_dir / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
         return model

@@ -37,6 +37,7 @@ from corolla.runtime.cpu_kernels import use_onednn_linears
 from corolla.runtime.loader import layer_pattern, load_into, read_tensors, weight_files
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
+Fetch = Callable[[list[str]], object]
 M = TypeVar("M", bound="RemoteModel")
 
 
@@ -65,12 +66,14 @@ class RemoteModel(PreTrainedModel):
 
     @classmethod
     def from_swarm(
-        cls: type[M], model_dir: Path, config: PretrainedConfig, manager: SequenceManager, tuning: Tuning
-    ) -> M:
+        cls: type[M], model_dir: Path, config: PretrainedConfig, manager: SequenceManager, tuning: Tuning,
+        fetch: Fetch | None = None,
+    ) -> M:  # fmt: skip
+        """``fetch`` brings in checkpoint tensors first (a hub model held in part)."""
         with init_empty_weights(include_buffers=False):
             model = cls(span_config(config, 0, 0))  # no decoder layers: they are remote
         model.config = config
-        model._load_local_weights(model_dir)
+        model._load_local_weights(model_dir, fetch)
         model.manager, model.tuning = manager, tuning
         model._threads = threading.local()  # sessions are per thread: threads may generate concurrently
         model._use_petals_names(RemoteSequential(manager, adapter=tuning.active_adapter))
@@ -92,7 +95,7 @@ class RemoteModel(PreTrainedModel):
         body = self.transformer
         body.__class__ = petals_body_class(type(body), self.family)
 
-    def _load_local_weights(self, model_dir: Path) -> None:
+    def _load_local_weights(self, model_dir: Path, fetch: Fetch | None = None) -> None:
         """Every tensor of the checkpoint outside the decoder layers (embeddings, positions, norms,
         the LM head), through transformers' own weight conversions. Heads the checkpoint lacks
         (a classifier's ``score``) are initialised here, to be trained locally."""
@@ -105,6 +108,8 @@ class RemoteModel(PreTrainedModel):
                 continue
             prefixed = f"{self.family.body}.{name}"
             names[name] = prefixed if name not in local and prefixed in local else name
+        if fetch is not None:
+            fetch(list(names))
         tensors = read_tensors(files, list(names))
         renamed = {names[k]: v for k, v in tensors.items()}
         load_into(self, renamed, dtype=torch.float32, device=torch.device("cpu"))
@@ -213,18 +218,24 @@ def build(
     active_adapter: str | None = None,
     swarm_key: str | None = None,
     identity_path: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     **config_overrides: Any,
 ) -> M:
     """Resolve the model, connect to its swarm and build ``class_for(family)``'s model. ``swarm_key``:
     the key file of a closed swarm; ``identity_path``: a file keeping this client's peer id (servers'
-    ``--allowed_peers`` list peer ids); both override ``client_config``'s."""
+    ``--allowed_peers`` list peer ids); both override ``client_config``'s. ``revision``/``token``: a
+    hub model's branch, tag or commit and an access token; of a hub model only the tensors kept
+    here (embeddings, final norm, LM head) are fetched."""
     tuning = Tuning(tuning_mode, pre_seq_len, active_adapter)
     if "torch_dtype" in config_overrides:  # Petals' (and transformers 4's) name; transformers 5 warns on it
         config_overrides.setdefault("dtype", config_overrides.pop("torch_dtype"))
-    resolved = resolve_model(model_name_or_path, cache_dir or default_cache_dir())
+    resolved = resolve_model(
+        model_name_or_path, cache_dir or default_cache_dir(), revision=revision, token=token
+    )
     config = AutoConfig.from_pretrained(resolved.path, **config_overrides)
     family = family_for(config)
-    prefix = dht_prefix or default_dht_prefix(resolved.name)
+    prefix = dht_prefix or default_dht_prefix(resolved.name, revision)
     client_config = client_config or ClientConfig()
     if initial_peers:
         client_config = replace(client_config, initial_peers=tuple(initial_peers))
@@ -236,7 +247,8 @@ def build(
         client_config, prefix, config.num_hidden_layers, dht=dht, adapter=active_adapter
     )
     try:
-        return class_for(family).from_swarm(resolved.path, config, manager, tuning)
+        fetch = functools.partial(resolved.fetch, what="embeddings, final norm and LM head")
+        return class_for(family).from_swarm(resolved.path, config, manager, tuning, fetch)
     except BaseException:
         manager.shutdown()
         raise

@@ -17,6 +17,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 
 from corolla.errors import ModelNotFound
+from corolla.hub.store import ModelStore, is_partial
 from corolla.models.families import Family, family_for
 from corolla.models.span import SpanModel, build_model_on_meta, span_from_model
 from corolla.runtime.cpu_kernels import use_onednn_linears
@@ -51,12 +52,14 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
 
 
 def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """Read ``names`` from their files, opening each file once."""
+    """Read ``names`` from their files, opening each file once. The files of a hub model held in
+    part must hold these tensors' bytes already (``ResolvedModel.fetch``)."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     out: dict[str, torch.Tensor] = {}
     for path, file_names in by_file.items():
+        _check_fetched(path, file_names)
         try:
             with safe_open(path, framework="pt") as f:
                 for name in file_names:
@@ -67,6 +70,23 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
                 "re-download or re-convert the model"
             ) from None
     return out
+
+
+def _check_fetched(path: Path, names: list[str]) -> None:
+    """Unfetched bytes of a hub model's weight file read as zeros: refuse them."""
+    if not is_partial(path.parent):
+        return
+    missing = ModelStore(path.parent).missing({path.name: names})
+    if missing:
+        raise ModelNotFound(
+            f"{path} lacks the bytes of {len(names)} tensor(s) asked for (not fetched from the hub yet); "
+            "load the model by its hub repo id so that they are fetched"
+        )
+
+
+def span_checkpoint_names(model_dir: Path, config: PretrainedConfig, start: int, end: int) -> list[str]:
+    """The checkpoint tensors of blocks ``start..end-1`` (what a server fetches from the hub)."""
+    return list(span_tensor_names(weight_files(model_dir), family_for(config), start, end))
 
 
 def layer_pattern(family: Family) -> re.Pattern[str]:

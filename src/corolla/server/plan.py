@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from corolla.models.resolve import ResolvedModel
+
 
 @dataclass(frozen=True)
 class ServerPlan:
@@ -20,3 +22,4 @@ class ServerPlan:
     quant_type: str = "none"  # none, int8 or nf4
     tp_devices: tuple[torch.device, ...] = ()  # empty: no tensor parallelism
     adapters: tuple[tuple[str, Path], ...] = ()  # LoRA adapters to serve: (name clients use, directory)
+    model: ResolvedModel | None = None  # what was resolved; fetches a hub model's tensors in part

@@ -24,7 +24,7 @@ from corolla.runtime.adapters import load_adapters
 from corolla.runtime.backend import SpanBackend
 from corolla.runtime.compute_thread import on_compute_thread
 from corolla.runtime.kv_cache import CacheBudget, cache_bytes_per_token_block
-from corolla.runtime.loader import load_span
+from corolla.runtime.loader import load_span, span_checkpoint_names
 from corolla.server.handler import Handler, Hosting
 from corolla.server.metrics import (
     MetricsState,
@@ -64,7 +64,7 @@ def run_server(config: ServerConfig, plan: ServerPlan) -> None:
 class Server:
     def __init__(self, config: ServerConfig, plan: ServerPlan) -> None:
         self.config, self.plan = config, plan
-        self.dht_prefix = config.dht_prefix or default_dht_prefix(plan.model_name)
+        self.dht_prefix = config.dht_prefix or default_dht_prefix(plan.model_name, config.revision)
         self.model_blocks: int = plan.model_config.num_hidden_layers
         self.metrics = ServerMetrics()
         self.metrics.watch(self._metrics_state)
@@ -190,12 +190,22 @@ class Server:
         return await settle_span(dht, self.dht_prefix, self.model_blocks, length, self.me, announce_state)
 
     async def _host(self, dht: DHT, span: Span) -> None:
-        """Load ``span``, start serving it, announce it ONLINE."""
+        """Fetch ``span``'s weights (a hub model), load it, start serving it, announce it ONLINE."""
+        await asyncio.to_thread(self._fetch, *span)
         backend = await on_compute_thread(self._load, *span)  # the thread that will serve it
         budget = CacheBudget(self.config.limits.attn_cache_tokens * (span[1] - span[0]))
         self.handler.hosting = Hosting(backend, SessionTable(budget))
         self.span = span
         await asyncio.to_thread(self._announce, dht, ServerState.ONLINE, span)
+
+    def _fetch(self, start: int, end: int) -> None:
+        """Bring in the bytes of the span's tensors when the model comes from the hub in part."""
+        plan = self.plan
+        if plan.model is not None and plan.model.hub is not None:
+            names = span_checkpoint_names(plan.model_path, plan.model_config, start, end)
+            plan.model.fetch(
+                names, what=f"blocks {start}:{end}", max_disk_space=self.config.max_disk_space_bytes
+            )
 
     def _load(self, start: int, end: int) -> SpanBackend:
         plan = self.plan

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 from transformers import LlamaConfig
 
-from corolla.errors import ModelNotFound
+from corolla.errors import ConfigError, ModelNotFound
 from corolla.models import resolve
 from corolla.models.resolve import ResolvedModel, default_dht_prefix, load_config, resolve_model
 
@@ -34,16 +34,9 @@ def make_hub_snapshot(hub_cache: Path, repo_id: str, revision: str = "0123456789
 
 
 @pytest.fixture
-def no_download(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
-    """Unit tests never reach the network: record download attempts and fail them."""
-    calls: list[tuple[str, str | None]] = []
-
-    def fake_download(repo_id: str, cache_dir: str | None) -> None:
-        calls.append((repo_id, cache_dir))
-        return None
-
-    monkeypatch.setattr(resolve, "_download_snapshot", fake_download)
-    return calls
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests never reach the network (tests/integration/hub fetch from a local endpoint)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -76,25 +69,24 @@ def test_local_directory_without_config(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "empty"), tmp_path / "cache")
 
 
-def test_unknown_name(tmp_path: Path, no_download: list) -> None:
+def test_unknown_name(tmp_path: Path, no_download: None) -> None:
     with pytest.raises(ModelNotFound) as info:
         resolve_model("no-such-model", tmp_path / "cache")
     message = str(info.value)
     assert "neither a local directory" in message and "smollm2-135m" in message
-    assert "\n" not in message
-    assert no_download == []  # not a repo id: the hub is not asked
+    assert "\n" not in message and "hub repo id (OWNER/NAME)" in message
 
 
-def test_hub_id_from_local_cache(hub_cache: Path, tmp_path: Path, no_download: list) -> None:
+def test_hub_id_from_local_cache(hub_cache: Path, tmp_path: Path, no_download: None) -> None:
     snapshot = make_hub_snapshot(hub_cache, "owner/tiny-model")
     resolved = resolve_model("owner/tiny-model", tmp_path / "cache")
     assert resolved.path.resolve() == snapshot.resolve()
     assert resolved.name == "owner/tiny-model"
     assert load_config(resolved.path).hidden_size == 16
-    assert no_download == []
+    assert resolved.hub is None  # a complete snapshot (hf download) is used as it is
 
 
-def test_hub_cache_under_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: list) -> None:
+def test_hub_cache_under_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: None) -> None:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -102,13 +94,18 @@ def test_hub_cache_under_hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert resolve_model("owner/other", tmp_path / "cache").path.resolve() == snapshot.resolve()
 
 
-def test_hub_id_not_cached(hub_cache: Path, tmp_path: Path, no_download: list) -> None:
+def test_hub_id_not_cached(hub_cache: Path, tmp_path: Path, no_download: None) -> None:
     with pytest.raises(ModelNotFound) as info:
         resolve_model("owner/missing", tmp_path / "cache")
     message = str(info.value)
-    assert "nor in the Hugging Face hub cache" in message and "hf download owner/missing" in message
-    assert "\n" not in message
-    assert no_download == [("owner/missing", str(hub_cache))]
+    assert "'owner/missing' (revision main) is not in the cache and the hub is unreachable" in message
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_revision_is_refused_for_local_models(tmp_path: Path) -> None:
+    model_dir = make_model_dir(tmp_path / "tiny-llama")
+    with pytest.raises(ConfigError, match="--revision applies to hub models"):
+        resolve_model(str(model_dir), tmp_path / "cache", revision="v2")
 
 
 def test_builtin_name_and_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,6 +135,12 @@ def test_builtin_name_and_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 )
 def test_default_dht_prefix(name: str, prefix: str) -> None:
     assert default_dht_prefix(name) == prefix
+
+
+def test_a_revision_names_a_swarm_of_its_own() -> None:
+    assert default_dht_prefix("someone/model", "main") == "model-hf"
+    assert default_dht_prefix("someone/model", "v2.0") == "model-hf-v2.0"
+    assert default_dht_prefix("someone/model", "refs/pr/1") == "model-hf-refs-pr-1"
 
 
 def test_load_config_error_is_typed(tmp_path: Path) -> None:

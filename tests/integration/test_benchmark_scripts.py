@@ -54,3 +54,13 @@ def test_bench_api_reports_each_way_of_asking_for_several_answers() -> None:
     for name in ("one_by_one", "n", "prompt_list"):
         assert report[name]["seconds"] > 0 and report[name]["tokens_per_s"] > 0
     assert report["n"]["speedup"] > 0 and report["prompt_list"]["speedup"] > 0
+
+
+def test_bench_hub_reports_bytes_readiness_and_memory_per_server(tmp_path: Path) -> None:
+    tiny = ["--hidden_size", "128", "--intermediate_size", "256", "--num_blocks", "4", "--vocab_size", "256"]
+    report = json.loads(run("bench_hub.py", *tiny, "--servers", "2", "--cache_dir", str(tmp_path), "--json"))
+    assert [row["span"] for row in report["servers"]] == ["0:2", "2:4"]
+    for row in report["servers"]:
+        assert 1.0 <= row["fetched_ratio"] <= 1.1 and row["fetched_warm"] == 0
+        assert row["ready_cold_s"] > 0 and row["ready_warm_s"] > 0
+        assert row["pss_after_forward"] > row["span_bytes"]

@@ -770,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         endpoint.start()
         repos = len({repo_id for repo_id, _, _ in args.repo})
-        print(f"serving {repos} repos at {endpoint.url} (export HF_ENDPOINT={endpoint.url})", flush=True)
+        noun = "repo" if repos == 1 else "repos"
+        print(f"serving {repos} {noun} at {endpoint.url} (export HF_ENDPOINT={endpoint.url})", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

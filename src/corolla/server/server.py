@@ -17,7 +17,7 @@ from hivemind.p2p import P2P
 
 from corolla import __version__
 from corolla.config import ServerConfig
-from corolla.errors import format_ranges
+from corolla.errors import CorollaError, format_ranges
 from corolla.models.resolve import default_dht_prefix
 from corolla.protocol.records import MAX_ADDRS, ServerInfo, ServerState
 from corolla.runtime.adapters import load_adapters
@@ -343,6 +343,11 @@ class Server:
         logger.info(
             "moving from blocks %d:%d to %d:%d: the swarm's weakest blocks gain from it", *old, *target
         )
+        try:  # the new span's weights first, while the old one still serves
+            await asyncio.to_thread(self._fetch, *target)
+        except CorollaError as e:
+            logger.warning("not moving: %s", e)
+            return
         self.handler.hosting = None  # requests meanwhile: ServerUnavailable, clients re-route
         self.span = None
         await asyncio.to_thread(self._announce, dht, ServerState.OFFLINE, old)

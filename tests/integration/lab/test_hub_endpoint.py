@@ -223,7 +223,7 @@ def test_command_line_serves_until_interrupted(model_dir: Path) -> None:
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
-        assert line.startswith("serving 1 repos at http://127.0.0.1:"), line
+        assert line.startswith("serving 1 repo at http://127.0.0.1:"), line
         url = line.split()[4]
         with urllib.request.urlopen(f"{url}/api/models/{REPO}") as response:
             assert json.load(response)["id"] == REPO

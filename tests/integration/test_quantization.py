@@ -1,14 +1,14 @@
 """Lower-precision servers of the built-in model: bfloat16, int8 and nf4 (bitsandbytes on CPU).
 
-Runs ``benchmarks/bench_quant.py`` once per variant, so each run stays well inside its timeout on
-a loaded machine (the local float32 reference is computed once and shared through a file). It
-serves the built-in model with two servers and compares them with local float32 transformers:
-weights per block from the servers' ``info`` replies, greedy agreement over the first 4 of its
-fixed prompts x 16 tokens (to keep the suite short; a float32 swarm's exactness is the job of the
-exactness and built-in model tests, so its run is left to the benchmark). The bounds are loose on
-purpose: they catch a broken path (wrong bytes, garbage tokens), not small quality shifts. The
-full benchmark (8 prompts) measured here: bf16 2.00x fewer bytes, 8/8 identical, 97.7 % top-1;
-int8 3.97x, 90.6 %; nf4 7.70x, 72.7 %."""
+Runs ``benchmarks/bench_quant.py`` once for the three variants (one after another, each with
+servers of its own; about a minute here, against a 500 s timeout). Each serves the built-in model
+with two servers and compares them with local float32 transformers: weights per block from the
+servers' ``info`` replies, greedy agreement over the first 4 of its fixed prompts x 16 tokens (to
+keep the suite short; a float32 swarm's exactness is the job of the exactness and built-in model
+tests, so its run is left to the benchmark). The bounds are loose on purpose: they catch a broken
+path (wrong bytes, garbage tokens), not small quality shifts. The full benchmark (8 prompts)
+measured here: bf16 2.00x fewer bytes, 8/8 identical, 97.7 % top-1; int8 3.97x, 90.6 %; nf4
+7.70x, 72.7 %."""
 
 from __future__ import annotations
 
@@ -24,37 +24,24 @@ pytestmark = pytest.mark.slow
 BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_quant.py"
 
 
+VARIANTS = ("bf16", "int8", "nf4")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Local float32's answers, computed by the first variant's run and shared by the others."""
-    return tmp_path_factory.mktemp("quant") / "reference.pt"
-
-
-def run_variant(variant: str, reference: Path, log_dir: Path) -> dict[str, float]:
-    """One variant's figures; each variant is a run of its own, well inside the test timeout."""
+def figures(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, float]]:
+    """Each variant's figures, from one run of the benchmark."""
+    log_dir = tmp_path_factory.mktemp("quant")
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--variants", variant, "--prompts", "4", "--json",
-         "--reference", str(reference), "--log_dir", str(log_dir)],  # fmt: skip
+        [sys.executable, str(BENCH), "--variants", *VARIANTS, "--prompts", "4", "--json",
+         "--log_dir", str(log_dir)],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=500,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = json.loads(result.stdout.strip().splitlines()[-1])
-    assert row["variant"] == variant
-    return row
-
-
-@pytest.fixture(scope="module")
-def figures(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, float]]:
-    seen: dict[str, dict[str, float]] = {}
-
-    def of(variant: str) -> dict[str, float]:
-        if variant not in seen:
-            seen[variant] = run_variant(variant, reference, tmp_path_factory.mktemp(f"quant-{variant}"))
-        return seen[variant]
-
-    return of
+    rows = {row["variant"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert set(rows) == set(VARIANTS)
+    return rows.__getitem__
 
 
 def test_bfloat16_halves_the_weights_and_keeps_nearly_all_tokens(

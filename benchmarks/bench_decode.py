@@ -20,6 +20,12 @@ their decode steps into one pass), and it reports every server's start-up time, 
 the targets of the performance issue.
 
     python benchmarks/bench_decode.py [--repeats 3] [--max_new_tokens 64] [--sessions 8] [--json]
+    python benchmarks/bench_decode.py --defaults [--hog]
+
+``--defaults`` starts the servers as a user would, with no flag beyond the model and the swarm
+(no ``--num_threads`` split): what ``corolla serve`` plus a Python client on the same machine
+give out of the box. ``--hog`` keeps one busy process per core running through every phase, the
+local ones included (a volunteer's desktop with other work on it); their CPU shows in "others".
 
 Timing is reported, never asserted.
 """
@@ -32,6 +38,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -179,8 +186,12 @@ def _machine_jiffies() -> tuple[int, int]:
     return sum(fields[:8]) - idle, sum(fields[:8])
 
 
+HOGS: set[int] = set()  # --hog's busy processes: other work on the machine, not ours
+
+
 def _our_jiffies() -> int:
-    """CPU time of this process and all its descendants (servers, p2p daemons), in clock ticks."""
+    """CPU time of this process and all its descendants (servers, p2p daemons), in clock ticks;
+    the ``--hog`` processes count as others'."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -193,7 +204,9 @@ def _our_jiffies() -> int:
     ours, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in ours]
+        children = [
+            pid for pid, ppid in parents.items() if ppid == parent and pid not in ours and pid not in HOGS
+        ]
         ours.update(children)
         frontier += children
     return sum(ticks.get(pid, 0) for pid in ours)
@@ -293,9 +306,11 @@ def start_servers(
 ) -> list[LocalServer]:
     """One server per span, each joining the first, the machine's cores split between them (as
     ``corolla demo`` does); stops those already started on failure."""
-    extra = ["--cache_dir", args.cache_dir, "--device", args.device, "--torch_dtype", args.torch_dtype]
-    if args.device == "cpu":
-        extra += shared_cores_args(len(splits))
+    extra = ["--cache_dir", args.cache_dir]
+    if not args.defaults:
+        extra += ["--device", args.device, "--torch_dtype", args.torch_dtype]
+        if args.device == "cpu":
+            extra += shared_cores_args(len(splits))
     servers: list[LocalServer] = []
     try:
         for start, end in tqdm(splits, desc="starting servers", unit="server", file=sys.stderr):
@@ -392,6 +407,8 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
             "prompt_tokens": prompt_tokens,
             "dtype": args.torch_dtype,
             "device": args.device,
+            "server_flags": "defaults" if args.defaults else "cores split (--num_threads)",
+            "hogs": len(HOGS),
         },
         "local": local.summary(),
         "phases": {key: phase.summary() for key, phase in phases.items()},
@@ -447,6 +464,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"machine: {m['gpu'] + ' on ' if s['device'] != 'cpu' and m['gpu'] else ''}"
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} torch threads, "
         f"python {m['python']}",
+        f"servers: {s['server_flags']}; busy processes beside the benchmark (--hog): {s['hogs']}",
         "",
         f"{'configuration':<32}{'decode tok/s':>13}{'(min-max)':>13}{'x local':>9}{'target':>14}"
         f"{'TTFT s':>9}{'x local':>9}{'others':>8}  {'ready s'}",
@@ -524,8 +542,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype"
     )
+    p.add_argument(
+        "--defaults", action="store_true",
+        help="servers with default flags (no --num_threads split, default device and dtype)",
+    )  # fmt: skip
+    p.add_argument("--hog", action="store_true", help="one busy process per core during every phase")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
+
+
+def start_hogs() -> list[subprocess.Popen]:
+    """One process per core spinning in pure Python (other work on the machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    HOGS.update(h.pid for h in hogs)
+    return hogs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,10 +573,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = fresh_log_dir(args.cache_dir, "bench_decode")
     half = num_blocks // 2
     phases: dict[str, Phase] = {}
-    phases["local_before"] = measure_local("local_before", "local, before servers", local, input_ids, args)
-    phases["swarm_1"] = measure_swarm("swarm_1", [(0, num_blocks)], input_ids, args, log_dir)
-    phases["swarm_2"] = measure_swarm("swarm_2", [(0, half), (half, num_blocks)], input_ids, args, log_dir)
-    phases["local_after"] = measure_local("local_after", "local, after servers", local, input_ids, args)
+    hogs = start_hogs() if args.hog else []
+    try:
+        before = measure_local("local_before", "local, before servers", local, input_ids, args)
+        phases["local_before"] = before
+        phases["swarm_1"] = measure_swarm("swarm_1", [(0, num_blocks)], input_ids, args, log_dir)
+        halves = [(0, half), (half, num_blocks)]
+        phases["swarm_2"] = measure_swarm("swarm_2", halves, input_ids, args, log_dir)
+        phases["local_after"] = measure_local("local_after", "local, after servers", local, input_ids, args)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
     report = build_report(phases, args, prompt_tokens=input_ids.shape[1])
     report["server_logs"] = str(log_dir)
     print(json.dumps(report, indent=2) if args.json else format_table(report))

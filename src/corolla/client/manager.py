@@ -14,6 +14,7 @@ from hivemind.p2p import P2P, PeerID
 
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, latency_route, throughput_route
+from corolla.client.threads import hint_once
 from corolla.client.transport import EventLoopThread, measure_rtt
 from corolla.client.verify import VerificationReport
 from corolla.config import ClientConfig, NetworkConfig
@@ -81,6 +82,7 @@ class SequenceManager:
             self._spans = spans_from_records(records)
             self._updated = time.monotonic()
             self._dial(self._spans)
+            hint_once(s.info.addrs for s in self._spans)
         return self._spans
 
     def _dial(self, spans: list[ServerSpan]) -> None:

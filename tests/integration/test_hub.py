@@ -278,3 +278,23 @@ def test_max_disk_space_smaller_than_the_span_is_refused(
         with pytest.raises(ConfigError, match=r"--max_disk_space 100\.0 KiB is too small for blocks 0:2"):
             model.fetch(names, what="blocks 0:2", max_disk_space=100 * 1024)
         assert weight_bytes(hub, SHARDED) == headers_bytes(checkpoints[SHARDED])  # refused before fetching
+
+
+def test_a_model_evicted_by_another_process_is_fetched_again(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoConfig
+
+    from corolla.hub.store import ModelStore
+    from corolla.runtime.loader import span_checkpoint_names
+
+    with endpoint(checkpoints) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        model = open_hub_model(SINGLE, revision=None, token=None, cache_dir=tmp_path)
+        config = AutoConfig.from_pretrained(model.path)
+        model.fetch(span_checkpoint_names(model.path, config, 0, 1), what="blocks 0:1")
+        ModelStore(model.path).delete()  # what another server's --max_disk_space may do
+        assert not model.path.exists()
+        up = "model.layers.1.mlp.up_proj.weight"
+        model.fetch([up], what="blocks 1:2")  # fetches config, headers and the tensor again
+        assert ModelStore(model.path).missing({"model.safetensors": [up]}) == {}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from corolla.errors import ConfigError, ModelNotFound
 from corolla.hub import ranges, remote
@@ -46,8 +46,15 @@ class HubModel:
         """Make sure the checkpoint tensors ``names`` are on disk; returns the bytes fetched.
         ``what`` names them in the log and the progress bar ("blocks 0:4", "embeddings and head")."""
         store = ModelStore(self.path)
-        by_file = _by_file(self.path, names)
+        store.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(store.lock_path)):
+            if store.marker() is None:  # evicted meanwhile (another process's --max_disk_space)
+                try:
+                    info = remote.repo_info(self.repo_id, self.commit, self.token)
+                except HubUnreachable as error:
+                    raise ModelNotFound(f"{self.repo_id} was evicted from the cache and {error}") from None
+                _fetch_basics(store, self.repo_id, info, self.token)
+            by_file = _by_file(self.path, names)
             store.reload()
             missing = store.missing(by_file)
             if not missing:
@@ -229,7 +236,7 @@ def _make_room(store: ModelStore, by_file: dict[str, list[str]], need: int, limi
             "raise it, or host fewer blocks (--num_blocks)"
         )
     root = store.path.parent.parent
-    others = [s for s in all_stores(root) if s.path != store.path]
+    others = [s for s in all_stores(root) if s.path != store.path and not _in_use(s)]
     candidates = [Cached(_label(s), s.path, None, s.disk_bytes(), s.last_used()) for s in others]
     candidates += [
         Cached(f"{name} of this model", store.path, name, store.file_bytes(name), store.last_used())
@@ -245,12 +252,36 @@ def _make_room(store: ModelStore, by_file: dict[str, list[str]], need: int, limi
         )
     for item in chosen:
         if item.file is None:
-            ModelStore(item.store).delete()
+            _delete_unless_in_use(ModelStore(item.store))
         else:
             store.drop_file(item.file)
         logger.info(
             "evicted %s (%s) from the cache to stay within --max_disk_space", item.label, _human(item.bytes)
         )
+
+
+def _in_use(store: ModelStore) -> bool:
+    """Whether another process is fetching into ``store`` now (it holds the commit's lock)."""
+    lock = FileLock(str(store.lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _delete_unless_in_use(store: ModelStore) -> None:
+    """Delete a commit's directory, holding its lock so that no fetch writes into it meanwhile."""
+    lock = FileLock(str(store.lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return
+    try:
+        store.delete()
+    finally:
+        lock.release()
 
 
 def _label(store: ModelStore) -> str:

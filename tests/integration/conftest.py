@@ -26,9 +26,10 @@ def tiny_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dht_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """A bootstrap-only DHT peer that outlives the servers of a test module."""
+    """A bootstrap-only DHT peer for the whole session (starting one per module cost ~3 s each):
+    each module's servers announce under a DHT prefix of their own, so they never meet."""
     peer = start_dht_peer(log_dir=tmp_path_factory.mktemp("dht"))
     yield peer
     peer.stop()

@@ -26,10 +26,9 @@ def tiny_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dht_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """A bootstrap-only DHT peer for the whole session (starting one per module cost ~3 s each):
-    each module's servers announce under a DHT prefix of their own, so they never meet."""
+    """A bootstrap-only DHT peer that outlives the servers of a test module."""
     peer = start_dht_peer(log_dir=tmp_path_factory.mktemp("dht"))
     yield peer
     peer.stop()

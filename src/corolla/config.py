@@ -90,6 +90,29 @@ class NetworkConfig:
         ),
     )
 
+    use_relay: bool = field(
+        default=True,
+        metadata={
+            "help": "reach peers behind NAT through circuit relays, and relay for others when reachable "
+            "(--no_relay: neither)",
+            "off": "no_relay",
+        },
+    )
+    use_auto_relay: bool = field(
+        default=True,
+        metadata={
+            "help": "when peers cannot dial this one back (behind NAT), become reachable through relays "
+            "on the --initial_peers (--no_auto_relay, or --no_relay: stay unreachable)",
+            "off": "no_auto_relay",
+        },
+    )
+    skip_reachability_check: bool = field(
+        default=False,
+        metadata=_help(
+            "do not ask peers to dial this one back at start; assume it is reachable directly"
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.initial_peers and self.new_swarm:
             raise ConfigError("--initial_peers and --new_swarm conflict: join a swarm or start a new one")

@@ -307,10 +307,29 @@ def _add_flag(section: Any, config_cls: type, f: Field, model_positional: bool) 
     if f.name == "model" and model_positional:
         # None here, so a flag that repeats MODEL differently can be told apart from the default
         help_text, default = f"{help_text} (default: {default})", None
+    off = f.metadata.get("off")
+    if off is not None:  # a switch that is on by default: --NAME (the default) and --OFF
+        # an optional value, so that "NAME: false" in a config file and COROLLA_NAME=false turn it off
+        section.add_argument(
+            f"--{name}", dest=f.name, nargs="?", const=True, default=default, type=parse_switch,
+            metavar="BOOL", help=f"{help_text} (default: on)",
+        )  # fmt: skip
+        section.add_argument(f"--{off}", dest=f.name, action="store_false", help=f"turn --{name} off")
+        return
     kind = _kind(config_cls, f)
     if kind.get("action") == "extend":
         default = list(default)  # extended in place by argparse: a copy of its own, and a list
     section.add_argument(f"--{name}", dest=f.name, default=default, help=help_text, **kind)
+
+
+def parse_switch(text: str) -> bool:
+    """``true``/``false`` (also yes/no, on/off, 1/0) as a switch's value."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _kind(config_cls: type, f: Field) -> dict[str, Any]:

@@ -34,19 +34,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         network = parse_dht_args(argv)
         from corolla.swarm.dht import start_dht, visible_maddrs  # imports hivemind: after parsing
+        from corolla.swarm.reachability import check_reachability, reachability_message
 
         route_hivemind_logs()
         stop = _stop_on_signals()
-        dht = start_dht(network)
+        reach = check_reachability(
+            network.initial_peers, network.listen_maddrs(), network.public_maddrs(),
+            skip=network.skip_reachability_check,
+        )  # fmt: skip
+        # a bootstrap peer does not hide behind relays: others must be able to dial it
+        level, message = reachability_message(
+            reach, skip=network.skip_reachability_check, relays=False, port=str(network.port or 31337)
+        )
+        logger.log(level, "%s", message)
+        dht = start_dht(network, reachable=True)
     except CorollaError as error:
         return report_error(PROG, error)
     try:
+        _answer_dial_backs(dht)
         _print_join_line(visible_maddrs(dht), network.swarm_key)
+        if network.use_relay:
+            logger.info("relaying for peers behind NAT (--no_relay turns it off)")
         stop.wait()
     finally:
         logger.info("shutting down the DHT peer")
         dht.shutdown()
     return 0
+
+
+def _answer_dial_backs(dht: object) -> None:
+    """Answer other peers' reachability checks, from a thread of its own."""
+    import asyncio
+
+    from corolla.swarm.reachability import DialBackService
+
+    async def serve() -> None:
+        service = DialBackService()
+        await service.register(await dht.replicate_p2p(), answer_pings=True)  # type: ignore[attr-defined]
+        await asyncio.Event().wait()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), name="corolla-dial-back", daemon=True).start()
 
 
 def _stop_on_signals() -> threading.Event:

@@ -37,7 +37,8 @@ class ServerInfo(BaseModel):
     max_inference_length: int = Field(ge=0)
     cache_tokens_left: int = Field(ge=0)
     pinned: bool = False  # chose its blocks with --block_indices: never moves when rebalancing
-    # where peers can dial it (multiaddrs without /p2p/), most useful first: a peer that learned of
+    # where peers can dial it (multiaddrs without its own /p2p/ part; a relayed one names the relay:
+    # RELAY_ADDR/p2p/RELAY/p2p-circuit), most useful first: a peer that learned of
     # it only from the DHT hands these to its P2P daemon, which may not find the server otherwise
     addrs: tuple[Address, ...] = Field(default=(), max_length=MAX_ADDRS)
 

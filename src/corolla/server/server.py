@@ -40,6 +40,13 @@ from corolla.server.sizing import decide_num_blocks, decide_throughput
 from corolla.swarm.auth import AccessPolicy, bind_swarm_key, describe, load_allowed_peers, load_swarm_key
 from corolla.swarm.dht import start_dht, visible_maddrs
 from corolla.swarm.identity import ServerIdentity
+from corolla.swarm.maddrs import circuit_addrs, peer_of
+from corolla.swarm.reachability import (
+    DialBackService,
+    check_reachability,
+    check_relayed,
+    reachability_message,
+)
 from corolla.swarm.registry import announce
 
 logger = logging.getLogger(__name__)
@@ -89,6 +96,8 @@ class Server:
         self.addrs: tuple[str, ...] = ()  # where peers can dial us, announced in our record
         self.stop = asyncio.Event()
         self.rng = random.Random()
+        self.relayed = False  # reachable only through relays (set when joining)
+        self.dial_back = DialBackService()  # answers other peers' reachability checks
 
     async def serve(self) -> None:
         port = self.config.metrics_port
@@ -106,11 +115,16 @@ class Server:
         t0 = time.monotonic()
         dht = await asyncio.to_thread(self._join_swarm)
         self.me = dht.peer_id.to_base58()
-        self.addrs = tuple(maddr.rsplit("/p2p/", 1)[0] for maddr in visible_maddrs(dht))[:MAX_ADDRS]
+        direct = [maddr.rsplit("/p2p/", 1)[0] for maddr in visible_maddrs(dht)]
+        circuits = circuit_addrs(list(self.config.network.initial_peers)) if self.relayed else []
+        self.addrs = tuple(circuits + direct)[:MAX_ADDRS]  # relays first: the direct ones are private
         try:
             p2p = await dht.replicate_p2p()
             bind_swarm_key(p2p, self.access.swarm_key)  # our calls (pushes, pings) carry proofs
             await self.handler.register(p2p)  # early: peers measuring bandwidth get answers
+            await self.dial_back.register(p2p)
+            if circuits:
+                await self._check_relayed(p2p, circuits)
             length = self._span_length()
             self.throughput = await self._throughput(dht, p2p, length)
             if self.config.throughput == "dry_run":
@@ -149,11 +163,37 @@ class Server:
             )
         for line in describe(self.access, self.config.allowed_peers):
             logger.info("%s", line)
+        reach = check_reachability(
+            network.initial_peers, network.listen_maddrs(), network.public_maddrs(),
+            skip=network.skip_reachability_check,
+        )  # fmt: skip
+        behind_nat = reach is not None and reach.direct is False
+        self.relayed = behind_nat and network.use_relay and network.use_auto_relay
+        level, message = reachability_message(
+            reach, skip=network.skip_reachability_check, relays=self.relayed, port=str(network.port or 31337)
+        )
+        logger.log(level, "%s", message)
         if self.identity is None:
             self.identity = ServerIdentity.load_or_create(None)
-        dht = start_dht(network, num_workers=max(4, self.model_blocks), identity=self.identity)
+        dht = start_dht(
+            network, num_workers=max(4, self.model_blocks), identity=self.identity, reachable=not behind_nat
+        )
         logger.info("joined the DHT as peer %s", dht.peer_id.to_base58())
         return dht
+
+    async def _check_relayed(self, p2p: P2P, circuits: list[str]) -> None:
+        started = time.monotonic()
+        if await check_relayed(p2p, self.config.network.initial_peers, circuits):
+            logger.info(
+                "reachable through relays: a relay dialed back through %s in %.1f s",
+                circuits[0], time.monotonic() - started,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "no relay could dial this server back through %s: clients outside this network may not "
+                "reach it; check that the --initial_peers are public corolla peers with relays on",
+                " or ".join(circuits),
+            )  # fmt: skip
 
     def _span_length(self) -> int:
         cfg = self.config
@@ -167,9 +207,10 @@ class Server:
         peers = [
             s.peer_id for s in await asyncio.to_thread(swarm_spans, dht, self.dht_prefix, self.model_blocks)
         ]
-        return await decide_throughput(
-            self.config, self.plan, length, p2p, [p for p in peers if p != self.me]
-        )
+        # servers first, then the initial peers (a new swarm's only other peer may be `corolla dht`)
+        initial = [p for p in map(peer_of, self.config.network.initial_peers) if p]
+        candidates = [p for p in dict.fromkeys(peers + initial) if p != self.me]
+        return await decide_throughput(self.config, self.plan, length, p2p, candidates)
 
     def _movable(self) -> bool:
         return self.config.block_indices is None and self.config.balance_quality > 0
@@ -247,7 +288,8 @@ class Server:
             "ready: serving blocks %s of %s as %s (started in %.1f s)",
             blocks, self.plan.model_name, self.dht_prefix, elapsed,
         )  # fmt: skip
-        peers = " ".join(maddrs[:1])
+        # behind NAT our own addresses are private: others join through our initial peers
+        peers = " ".join(self.config.network.initial_peers[:1] if self.relayed else maddrs[:1])
         if self.config.network.swarm_key:  # a closed swarm: everyone needs the key
             peers += f" --swarm_key {self.config.network.swarm_key}"
         model = "" if self.config.model == ServerConfig.model else f" {self.config.model}"
@@ -381,6 +423,7 @@ class Server:
         sessions = len(hosting.sessions) if hosting is not None else 0
         steps = [
             ("remove RPC handlers", self.handler.unregister(p2p)),
+            ("close the dial-back probe", self.dial_back.shutdown()),
             ("close P2P", p2p.shutdown()),
         ]
         if span is not None:

@@ -232,3 +232,36 @@ def test_dht_takes_only_network_flags() -> None:
         parse_dht_args(["--num_blocks", "2"])
     with pytest.raises(ConfigError, match="conflict"):
         parse_dht_args(["--new_swarm", "--initial_peers", MADDR])
+
+
+@pytest.mark.parametrize(
+    ("argv", "relay", "auto_relay"),
+    [
+        ([], True, True),
+        (["--no_relay"], False, True),
+        (["--no_auto_relay"], True, False),
+        (["--use_relay"], True, True),
+        (["--use_relay", "false", "--use_auto_relay=no"], False, False),
+        (["--no_relay", "--use_relay"], True, True),  # the last one given wins, as with any flag
+    ],
+)
+def test_relay_switches_as_in_petals(argv: list[str], relay: bool, auto_relay: bool) -> None:
+    network = parse_server_args(argv).network
+    assert (network.use_relay, network.use_auto_relay) == (relay, auto_relay)
+    assert parse_dht_args(argv).use_relay is relay
+
+
+def test_a_switch_turned_off_in_a_config_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("use_relay: false\nskip_reachability_check: true\n")
+    network = parse_server_args(["--config", str(config)]).network
+    assert network.use_relay is False and network.skip_reachability_check is True
+    monkeypatch.setenv("COROLLA_USE_AUTO_RELAY", "false")
+    assert parse_server_args([]).network.use_auto_relay is False
+
+
+def test_a_switch_with_a_value_that_is_no_boolean_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--use_relay.*expected true or false"):
+        parse_server_args(["--use_relay", "maybe"])

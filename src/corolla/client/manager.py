@@ -20,13 +20,15 @@ from corolla.client.verify import VerificationReport
 from corolla.config import ClientConfig, NetworkConfig
 from corolla.errors import MissingBlocks, ServerUnavailable
 from corolla.swarm.auth import bind_swarm_key, load_swarm_key
-from corolla.swarm.dht import DIAL_TIMEOUT, add_record_validators, dial_announced, start_dht
+from corolla.swarm.dht import DIAL_TIMEOUT, add_record_validators, dial_announced, rejoin, start_dht
 from corolla.swarm.registry import fetch_block_records, foreign_records_hint
 from corolla.swarm.spans import ServerSpan, missing_blocks, spans_from_records
 
 logger = logging.getLogger(__name__)
 
 RTT_TTL = 60.0  # seconds before a server's round-trip time is measured again
+REJOIN_EVERY = 5.0  # seconds between attempts to rejoin the swarm while blocks are missing
+MAX_SEEN = 32  # servers remembered to rejoin through
 
 
 class SequenceManager:
@@ -61,6 +63,8 @@ class SequenceManager:
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._dialed: dict[str, float] = {}  # peer -> when we last dialed its announced addresses
         self._spans: list[ServerSpan] = []
+        self._seen: dict[str, tuple[str, ...]] = {}  # servers seen, and their addresses: to rejoin through
+        self._rejoined = -REJOIN_EVERY
         self._updated = 0.0
         self._stop = threading.Event()
         atexit.register(self.shutdown)
@@ -81,9 +85,28 @@ class SequenceManager:
             self._foreign_hint = foreign_records_hint(records, keyed=self.swarm_key is not None)
             self._spans = spans_from_records(records)
             self._updated = time.monotonic()
+            self._seen.update((s.peer_id, s.info.addrs) for s in self._spans if s.info.addrs)
+            if missing_blocks(self._spans, self.num_blocks):
+                self._rejoin()
             self._dial(self._spans)
             hint_once(s.info.addrs for s in self._spans)
         return self._spans
+
+    def _rejoin(self) -> None:
+        """Blocks are missing: perhaps the swarm lost us (our bootstrap peers restarted). Ping the
+        initial peers and the servers seen before back into the DHT, at most every ``REJOIN_EVERY``."""
+        now = time.monotonic()
+        if now - self._rejoined < REJOIN_EVERY:
+            return
+        self._rejoined = now
+        seen = dict(list(self._seen.items())[-MAX_SEEN:])
+        try:
+            answered = rejoin(self.dht, self.config.initial_peers, seen)
+        except Exception as e:
+            logger.debug("rejoining the swarm failed: %s", e)
+            return
+        if answered:
+            logger.debug("rejoined the swarm: %d peers answered", answered)
 
     def _dial(self, spans: list[ServerSpan]) -> None:
         """Dial servers at the addresses their records announce (again after ``RTT_TTL``, when the
@@ -172,6 +195,10 @@ class SequenceManager:
                 raise MissingBlocks(missing, waited=self.config.max_wait_for_blocks, cause=cause)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             refresh = True
+
+    def addrs_of(self, peer_id: str) -> tuple[str, ...]:
+        """Where a server's record says it can be dialed (empty if it is not in the swarm view)."""
+        return next((s.info.addrs for s in self._spans if s.peer_id == peer_id), ())[:16]
 
     @staticmethod
     def peer(hop: Hop) -> PeerID:

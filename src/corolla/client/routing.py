@@ -4,7 +4,10 @@ Three policies over the same swarm view (a list of ``ServerSpan``):
 
 - ``make_route``: fewest hops (greedy: from each position, the server reaching furthest).
 - ``latency_route``: for inference, the least expected latency per step: per hop, the client's
-  round trip to the server plus the compute time of its blocks, plus a small per-hop penalty.
+  round trip to the server plus the compute time of its blocks, plus a small per-hop penalty,
+  plus ``RELAY_PENALTY`` for a server reached through a relay (it announces only ``/p2p-circuit``
+  addresses): its measured round trip already counts the relay's detour, the penalty makes a
+  direct server holding the same blocks win unless it is much slower.
 - ``throughput_route``: for forward/backward on long sequences, the chain whose slowest server is
   fastest (the bottleneck), then fewest hops.
 
@@ -18,11 +21,18 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from corolla.swarm.maddrs import is_relayed
 from corolla.swarm.spans import ServerSpan
 
 DEFAULT_RTT = 0.05  # s: a server the client has not measured yet
 HOP_PENALTY = 0.002  # s per hop: one more RPC to encode, schedule and decode
 MIN_THROUGHPUT = 1.0  # tokens/s per block: the floor for servers announcing 0 (1 s per block)
+RELAY_PENALTY = 0.05  # s per hop through a relay: a third party's uplink and limits on the way
+
+
+def relayed(span: ServerSpan) -> bool:
+    """Whether the server is reached through a relay (behind NAT): its first address is a circuit."""
+    return bool(span.info.addrs) and is_relayed(span.info.addrs[0])
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,8 @@ class Hop:
 def make_route(
     spans: list[ServerSpan], start: int, end: int, *, banned: frozenset[str] = frozenset()
 ) -> list[Hop] | None:
-    """Fewest hops first: from each position take the server reaching furthest (ties: higher
-    throughput, then peer id). ``None`` when some block has no usable server."""
+    """Fewest hops first: from each position take the server reaching furthest (ties: a direct
+    server, higher throughput, then peer id). ``None`` when some block has no usable server."""
     usable = [s for s in spans if s.peer_id not in banned]
     route: list[Hop] = []
     position = start
@@ -47,7 +57,7 @@ def make_route(
         candidates = [s for s in usable if s.start <= position < s.end]
         if not candidates:
             return None
-        best = max(candidates, key=lambda s: (min(s.end, end), s.info.throughput, s.peer_id))
+        best = max(candidates, key=lambda s: (min(s.end, end), not relayed(s), s.info.throughput, s.peer_id))
         hop_end = min(best.end, end)
         route.append(Hop(best.peer_id, position, hop_end, best.info.torch_dtype))
         position = hop_end
@@ -61,16 +71,18 @@ def make_route(
 class LatencyModel:
     """Expected seconds per inference step: per hop, the round trip to its server (``rtt``,
     unmeasured: ``default_rtt``) + its blocks / the server's throughput (at least
-    ``min_throughput``) + ``hop_penalty``."""
+    ``min_throughput``) + ``hop_penalty`` (+ ``relay_penalty`` through a relay)."""
 
     rtt: Mapping[str, float]
     default_rtt: float = DEFAULT_RTT
     hop_penalty: float = HOP_PENALTY
     min_throughput: float = MIN_THROUGHPUT
+    relay_penalty: float = RELAY_PENALTY
 
     def hop(self, span: ServerSpan, blocks: int) -> float:
         rtt = self.rtt.get(span.peer_id, self.default_rtt)
-        return rtt + self.hop_penalty + blocks / max(span.info.throughput, self.min_throughput)
+        penalty = self.hop_penalty + (self.relay_penalty if relayed(span) else 0.0)
+        return rtt + penalty + blocks / max(span.info.throughput, self.min_throughput)
 
     def route(self, route: list[Hop], spans: list[ServerSpan]) -> float:
         """The expected latency of ``route``, whose servers are among ``spans``."""

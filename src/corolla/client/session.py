@@ -171,7 +171,11 @@ class InferenceSession:
             after = hops[0] if hops else then
             push_to = None
             if after is not None and self.manager.config.use_push and self.prompts is None:
-                push_to = PushTarget(peer_id=after.hop.peer_id, session_id=after.stream.session_id)
+                push_to = PushTarget(
+                    peer_id=after.hop.peer_id,
+                    session_id=after.stream.session_id,
+                    addrs=self.manager.addrs_of(after.hop.peer_id),
+                )
             stream = InferenceStream(self.manager.p2p, self.manager.peer(hop), hop.start, hop.end,
                                      self.max_length, self.batch_size, push_to=push_to,
                                      adapter=self.adapter)  # fmt: skip

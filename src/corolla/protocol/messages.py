@@ -4,7 +4,7 @@ swarm a request's ``uid`` field carries the caller's proof of the swarm key (``c
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,10 +51,12 @@ class BackwardRequest(ForwardRequest):
 
 
 class PushTarget(Message):
-    """The next server of the chain and the id of the client's session there."""
+    """The next server of the chain and the id of the client's session there; ``addrs``: where its
+    record says it can be dialed (a server behind NAT: through relays), tried before pushing."""
 
     peer_id: str = Field(min_length=1, max_length=128)
     session_id: str = Field(min_length=1, max_length=64)
+    addrs: tuple[Annotated[str, Field(max_length=512)], ...] = Field(default=(), max_length=16)
 
 
 class InferenceOpen(SpanRequest):

@@ -44,10 +44,12 @@ from corolla.runtime.backend import SpanBackend
 from corolla.server.metrics import ServerMetrics
 from corolla.server.sessions import Session, SessionTable
 from corolla.swarm.auth import AccessPolicy, sign_request
+from corolla.swarm.dht import dial_announced
 
 logger = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 5.0  # seconds a push to the next server may take
+DIAL_AGAIN = 60.0  # seconds before a next server is dialed at its announced addresses again
 MESSAGE_SLACK = 2**20  # bytes a stream message may carry beyond its largest possible tensors
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations travel in the server's dtype
 LINGER = 2.0  # seconds a stream stays open after its last reply, waiting for the caller to hang up
@@ -94,6 +96,7 @@ class Handler:
         self.pushes_received = 0
         self.stopping = asyncio.Event()
         self._pushing: set[asyncio.Task[None]] = set()
+        self._push_dialed: dict[str, float] = {}  # next servers dialed at their addresses, and when
 
     def current(self) -> Hosting:
         """The hosted span, or ``ServerUnavailable`` while the server stops, loads or moves."""
@@ -305,6 +308,10 @@ class Handler:
         request = Request(metadata=encode(meta), tensors=[codec.pack(out)])
         try:
             peer = PeerID.from_base58(target.peer_id)
+            now = time.monotonic()
+            if target.addrs and now - self._push_dialed.get(target.peer_id, -DIAL_AGAIN) >= DIAL_AGAIN:
+                self._push_dialed[target.peer_id] = now  # our daemon may not find it on its own
+                await dial_announced(self.p2p, peer, target.addrs)
             sign_request(request, self.p2p, peer, RPC_PUSH)
             await asyncio.wait_for(
                 self.p2p.call_protobuf_handler(peer, RPC_PUSH, request, Response), PUSH_TIMEOUT

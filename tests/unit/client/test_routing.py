@@ -275,3 +275,19 @@ def test_throughput_route_is_optimal_on_random_views(seed: int) -> None:
     assert route is not None and _is_chain(route, spans, 0, n)
     best = max((bottleneck(r, spans), -len(r)) for r in routes)
     assert (bottleneck(route, spans), -len(route)) == best
+
+
+RELAYED = ("/ip4/10.0.0.10/tcp/31000/p2p/QmTMJfP82ZeqNk92Re9wqootgDe7pAgYWXSHTEZCAvkpEa/p2p-circuit",)
+
+
+def test_a_direct_server_wins_over_a_relayed_one_holding_the_same_blocks() -> None:
+    # "a" sorts first and measures the same round trip: only the relay tells them apart
+    spans = [span("a", 0, 4, addrs=RELAYED), span("b", 0, 4, addrs=("/ip4/10.0.0.11/tcp/1",))]
+    assert latency_route(spans, 0, 4, rtt={"a": 0.01, "b": 0.01}) == [Hop("b", 0, 4)]
+    assert make_route(spans, 0, 4) == [Hop("b", 0, 4)]
+
+
+def test_a_relayed_server_still_serves_when_it_is_the_only_one_or_much_faster() -> None:
+    assert latency_route([span("a", 0, 4, addrs=RELAYED)], 0, 4, rtt={}) == [Hop("a", 0, 4)]
+    spans = [span("a", 0, 4, 100.0, addrs=RELAYED), span("b", 0, 4, 1.0)]
+    assert latency_route(spans, 0, 4, rtt={"a": 0.02, "b": 0.01}) == [Hop("a", 0, 4)]

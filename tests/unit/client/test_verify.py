@@ -258,6 +258,9 @@ class FakeManager:
     def peer(hop: Hop) -> str:
         return hop.peer_id
 
+    def addrs_of(self, peer_id: str) -> tuple[str, ...]:
+        return ()
+
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]

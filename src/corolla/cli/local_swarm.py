@@ -36,7 +36,9 @@ class LocalServer:
         log_dir: Path | None = None,
         name: str = "server",
         module: str = "corolla.cli.run_server",
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix``: a command to run the process through (a network lab's ``ip netns exec NS``)."""
         self.args = list(args)
         # without a log_dir, a temporary one that stop() removes: nothing is left behind
         self._temp_log_dir = None if log_dir else Path(tempfile.mkdtemp(prefix="corolla-logs-"))
@@ -48,7 +50,7 @@ class LocalServer:
         self._ready = threading.Event()
         self.started_at = time.monotonic()
         self.ready_after: float | None = None
-        cmd = [sys.executable, "-m", module, *self.args]
+        cmd = [*prefix, sys.executable, "-m", module, *self.args]
         self.process = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

@@ -6,6 +6,7 @@ for clients (``home2``). Nobody can dial into a home. Real processes, the built-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -183,3 +184,66 @@ def test_a_server_behind_nat_answers_a_client_in_another_home(
     assert answer["token_ids"] == greedy(local_model, answer["prompt_ids"], 12)
     assert time.monotonic() - started < 120
     assert [hop["peer_id"] for hop in answer["route"]] == [peer_id(swarm["home1"])]
+
+
+COMPLETION = """
+import json, sys, urllib.request
+body = json.dumps({"model": sys.argv[2], "prompt": "The capital of France is", "max_tokens": 2}).encode()
+request = urllib.request.Request(sys.argv[1] + "/v1/completions", body, {"Content-Type": "application/json"})
+try:
+    print(urllib.request.urlopen(request, timeout=60).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
+def test_a_running_api_recovers_after_its_only_bootstrap_peer_restarts(
+    lab: Lab, builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A swarm of its own: one public server, which is also the API's only initial peer. It stays
+    down until its records (10 s here) expire in the API's cache, so the API's lookups reach the
+    network and fail: hivemind then drops the server from its routing table, and without
+    rejoining through its initial peers the API would see an empty swarm for good. Back with the
+    same identity and port, the API must find it again by itself."""
+    logs = tmp_path_factory.mktemp("api")
+    args = [BUILTIN_MODEL, "--new_swarm", "--port", "31400", "--identity_path", str(logs / "server.id"),
+            "--update_period", "5", "--expiration", "10"]  # fmt: skip
+    server = start(lab, "pub1", args, logs, "server")
+    api = None
+    stack = contextlib.ExitStack()
+    try:
+        peer = server.wait_ready(180)
+        api_args = [BUILTIN_MODEL, "--initial_peers", peer, "--port", "8123", "--max_wait_for_blocks", "3"]
+        api_log = stack.enter_context(open(logs / "api.log", "w"))  # noqa: SIM115
+        api = lab.popen("home2", [sys.executable, "-m", "corolla.cli.main", "api", *api_args],
+                        stdout=subprocess.DEVNULL, stderr=api_log)  # fmt: skip
+        url = "http://127.0.0.1:8123"
+
+        def status() -> str:
+            out = python_in(lab, "home2", COMPLETION.replace("sys.argv[1]", repr(url)).replace(
+                "sys.argv[2]", repr(BUILTIN_MODEL)), timeout=90)  # fmt: skip
+            return out.stdout.strip() or out.stderr.strip()[-200:]
+
+        deadline = time.monotonic() + 120
+        while (answer := status()) != "200" and time.monotonic() < deadline:
+            time.sleep(1.0)
+        assert answer == "200", lab.run(
+            "home2", ["cat", str(logs / "api.log")], capture_output=True, text=True
+        ).stdout[-2000:]
+        server.kill()
+        server.process.wait(10)
+        down = time.monotonic()
+        while time.monotonic() < down + 15:  # past the records' expiration: lookups go out and fail
+            assert status() == "503"
+        server = start(lab, "pub1", args, logs, "server-again")
+        server.wait_ready(180)
+        back = time.monotonic()
+        while (answer := status()) != "200" and time.monotonic() < back + 60:
+            time.sleep(1.0)
+        assert answer == "200" and time.monotonic() - back <= 30, (answer, time.monotonic() - back)
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(20)
+        stack.close()
+        server.stop()

@@ -140,6 +140,7 @@ def main() -> int:
     if reason is not None:
         print(f"bench_churn: {reason}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers, remove the lab
     with contextlib.ExitStack() as stack:
         if args.log_dir:
             logs = Path(args.log_dir)

@@ -383,3 +383,11 @@ class ClientConfig:
     verify_fraction: float = 0.0
     verify_tolerance: float | None = None  # relative error per token; None: by dtype (DEFAULT_TOLERANCES)
     verify_seed: int | None = None  # seeds the choice of steps and verifiers (None: random)
+    # Activations on the wire (both ways, and servers' pushes) in this dtype instead of each server's
+    # own: "bfloat16"/"float16" halve the bytes from float32 servers, for slow uplinks; the outputs
+    # are then rounded, so no longer exact (see the README's "Volunteering from home").
+    wire_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"wire_dtype must be float32, bfloat16 or float16, got {self.wire_dtype!r}")

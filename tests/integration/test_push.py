@@ -39,6 +39,10 @@ def test_push_on_and_off_give_identical_tokens(
         )  # fmt: skip
         for push in (False, True)
     }
+    models["bf16"] = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_gqa_dir), initial_peers=[dht_peer.maddr], dht_prefix="push",
+        client_config=replace(ClientConfig(), wire_dtype="bfloat16"),
+    )  # fmt: skip
     try:
         with torch.no_grad():
             expected = local_model.generate(ids, max_new_tokens=24, do_sample=False)
@@ -49,6 +53,15 @@ def test_push_on_and_off_give_identical_tokens(
         # every decode step after the first pass reached servers 2 and 3 by push
         counts = [pushes(models[True], i) for i in (1, 2)]
         assert all(n >= 22 for n in counts), counts
+        # activations asked for in bfloat16 both ways (pushes too): rounded, so close but not equal
+        with torch.no_grad():
+            reference = local_model(ids).logits
+            rounded = models["bf16"](ids).logits
+            steps = models["bf16"].generate(ids, max_new_tokens=8, do_sample=False)
+        error = (rounded - reference).abs().max().item()
+        assert 0 < error < 0.05 * reference.abs().max().item(), error
+        after = [pushes(models["bf16"], i) for i in (1, 2)]
+        assert steps.shape == (1, 14) and all(n - c >= 6 for n, c in zip(after, counts, strict=True))
     finally:
         for model in models.values():
             model.manager.shutdown()

@@ -135,8 +135,8 @@ def _forward(manager: SequenceManager, hop: Hop, hidden: torch.Tensor, prompts: 
              adapter: str | None) -> torch.Tensor:  # fmt: skip
     return manager.loop.run(
         call_forward(
-            manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(hidden, hop),
-            prompts=_prompts_for(prompts, hop), adapter=adapter,
+            manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(hidden, hop, manager.config.wire_dtype),
+            prompts=_prompts_for(prompts, hop), adapter=adapter, reply_dtype=manager.config.wire_dtype,
         ),  # fmt: skip
         timeout=manager.config.request_timeout,
     )
@@ -202,12 +202,14 @@ def backward_span(
     """The gradient of the first hop's inputs, from the gradient of the last hop's outputs; the
     deep prompts' gradients are added into ``grad_prompts``. A server that fails is banned and its
     blocks re-run forward on a new route (to recover that route's inputs), then backward."""
+    wire = manager.config.wire_dtype
     for hop, inputs in reversed(record):
         try:
             grad_in, grad_p = manager.loop.run(
                 call_backward(
-                    manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(inputs, hop),
-                    _wire(grad, hop), prompts=_prompts_for(prompts, hop), adapter=adapter,
+                    manager.p2p, manager.peer(hop), hop.start, hop.end, _wire(inputs, hop, wire),
+                    _wire(grad, hop, wire), prompts=_prompts_for(prompts, hop), adapter=adapter,
+                    reply_dtype=wire,
                 ),  # fmt: skip
                 timeout=manager.config.request_timeout,
             )
@@ -252,9 +254,10 @@ class _RemoteChain(torch.autograd.Function):
         return grad_in.to(ctx.dtype), grad_prompts_out, None, None, None, None
 
 
-def _wire(tensor: torch.Tensor, hop: Hop) -> torch.Tensor:
-    """``tensor`` in the dtype the hop's server computes in (activations travel in it)."""
-    return tensor.detach().to(getattr(torch, hop.dtype))
+def _wire(tensor: torch.Tensor, hop: Hop, wire_dtype: str | None = None) -> torch.Tensor:
+    """``tensor`` in the dtype activations travel in: ``wire_dtype`` when the client asked for one
+    (``ClientConfig.wire_dtype``), else the one the hop's server computes in."""
+    return tensor.detach().to(getattr(torch, wire_dtype or hop.dtype))
 
 
 def _prompts_for(prompts: torch.Tensor | None, hop: Hop) -> torch.Tensor | None:

@@ -160,7 +160,8 @@ class InferenceSession:
         prompts = None
         if self.prompts is not None and position < self.prompts.shape[2]:
             prompts = self.prompts[hop.hop.start : hop.hop.end].to(dtype)
-        return hop.stream.step(hidden.to(dtype), position, self.manager.config.step_timeout, step_id, prompts)
+        wire = getattr(torch, self.manager.config.wire_dtype or hop.hop.dtype)
+        return hop.stream.step(hidden.to(wire), position, self.manager.config.step_timeout, step_id, prompts)
 
     def _open(self, start: int, end: int, cause: str | None = None, then: _HopStream | None = None
               ) -> list[_HopStream]:  # fmt: skip
@@ -178,7 +179,8 @@ class InferenceSession:
                 )
             stream = InferenceStream(self.manager.p2p, self.manager.peer(hop), hop.start, hop.end,
                                      self.max_length, self.batch_size, push_to=push_to,
-                                     adapter=self.adapter)  # fmt: skip
+                                     adapter=self.adapter,
+                                     reply_dtype=self.manager.config.wire_dtype)  # fmt: skip
             hops.insert(0, _HopStream(hop, stream))
         return hops
 
@@ -362,7 +364,8 @@ class InferenceSession:
         span = self.verification.choose(spans)
         vhop = Hop(span.peer_id, hop.start, hop.end, span.info.torch_dtype)
         stream = InferenceStream(self.manager.p2p, self.manager.peer(vhop), hop.start, hop.end,
-                                 self.max_length, self.batch_size, adapter=self.adapter)  # fmt: skip
+                                 self.max_length, self.batch_size, adapter=self.adapter,
+                                 reply_dtype=self.manager.config.wire_dtype)  # fmt: skip
         logger.debug("verifier for blocks %d:%d: ...%s", hop.start, hop.end, span.peer_id[-8:])
         return _HopStream(vhop, stream)
 

@@ -110,9 +110,13 @@ async def call_forward(
     *,
     prompts: torch.Tensor | None = None,
     adapter: str | None = None,
+    reply_dtype: str | None = None,
 ) -> torch.Tensor:
     """Run blocks ``start..end-1`` of one server on a whole sequence, without a cache."""
-    meta = ForwardRequest(start=start, end=end, prompts=prompts is not None, active_adapter=adapter)
+    meta = ForwardRequest(
+        start=start, end=end, prompts=prompts is not None, active_adapter=adapter,
+        reply_dtype=reply_dtype,  # type: ignore[arg-type]  (checked by ClientConfig)
+    )  # fmt: skip
     return (await _call_span(p2p, peer_id, RPC_FORWARD, _request(meta, hidden, prompts), 1))[0]
 
 
@@ -126,9 +130,13 @@ async def call_backward(
     *,
     prompts: torch.Tensor | None = None,
     adapter: str | None = None,
+    reply_dtype: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of blocks ``start..end-1``'s inputs (and deep prompts) on one server."""
-    meta = BackwardRequest(start=start, end=end, prompts=prompts is not None, active_adapter=adapter)
+    meta = BackwardRequest(
+        start=start, end=end, prompts=prompts is not None, active_adapter=adapter,
+        reply_dtype=reply_dtype,  # type: ignore[arg-type]
+    )  # fmt: skip
     request = _request(meta, hidden, grad_outputs, prompts)
     grads = await _call_span(p2p, peer_id, RPC_BACKWARD, request, 1 if prompts is None else 2)
     return grads[0], (grads[1] if prompts is not None else None)
@@ -195,13 +203,14 @@ class InferenceStream:
 
     def __init__(
         self, p2p: P2P, peer_id: PeerID, start: int, end: int, max_length: int, batch_size: int,
-        *, push_to: PushTarget | None = None, adapter: str | None = None,
+        *, push_to: PushTarget | None = None, adapter: str | None = None, reply_dtype: str | None = None,
     ) -> None:  # fmt: skip
         self.p2p, self.peer_id = p2p, peer_id
         self.session_id = uuid.uuid4().hex
         self.open_meta = InferenceOpen(
             start=start, end=end, max_length=max_length, batch_size=batch_size,
             session_id=self.session_id, push_to=push_to, active_adapter=adapter,
+            reply_dtype=reply_dtype,  # type: ignore[arg-type]
         )  # fmt: skip
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None

@@ -68,9 +68,14 @@ def error_response(error: Exception) -> Response:
     return Response(metadata=encode(Reply(error=info)))
 
 
-def tensor_response(tensor: torch.Tensor, position: int | None = None) -> Response:
+def tensor_response(tensor: torch.Tensor, position: int | None = None, dtype: str | None = None) -> Response:
     result = StepResult(position=position) if position is not None else None
-    return Response(tensors=[codec.pack(tensor)], metadata=encode(Reply(result=result)))
+    return Response(tensors=[codec.pack(in_dtype(tensor, dtype))], metadata=encode(Reply(result=result)))
+
+
+def in_dtype(tensor: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """``tensor`` as a client asked to receive it (``reply_dtype``; None: as it is)."""
+    return tensor if dtype is None else tensor.to(getattr(torch, dtype))
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ class Handler:
                     ),
                     self.limits.request_timeout,
                 )
-            yield tensor_response(out)
+            yield tensor_response(out, dtype=meta.reply_dtype)
         except Exception as e:
             yield self._report(e, "forward", context)
         await self._linger(context)
@@ -220,7 +225,8 @@ class Handler:
                     self.limits.request_timeout,
                 )
             tensors = [grad_in] if grad_prompts is None else [grad_in, grad_prompts]
-            yield Response(tensors=[codec.pack(t) for t in tensors], metadata=encode(Reply()))
+            packed = [codec.pack(in_dtype(t, meta.reply_dtype)) for t in tensors]
+            yield Response(tensors=packed, metadata=encode(Reply()))
         except Exception as e:
             yield self._report(e, "backward", context)
         await self._linger(context)
@@ -305,7 +311,7 @@ class Handler:
         """Send ``out`` straight to the next server's session; the client's own copy covers failures."""
         target = session.push_to
         meta = PushStep(session_id=target.session_id, step_id=step.step_id, position=step.position)
-        request = Request(metadata=encode(meta), tensors=[codec.pack(out)])
+        request = Request(metadata=encode(meta), tensors=[codec.pack(in_dtype(out, session.reply_dtype))])
         try:
             peer = PeerID.from_base58(target.peer_id)
             now = time.monotonic()
@@ -387,6 +393,7 @@ class Handler:
         hosting.sessions.register_key(session, meta.session_id)
         session.push_to = meta.push_to
         session.adapter = meta.active_adapter
+        session.reply_dtype = meta.reply_dtype
         return session
 
     async def _run_input(
@@ -438,7 +445,7 @@ class Handler:
             task = asyncio.create_task(self._push(session, step, out))
             self._pushing.add(task)  # referenced until done (the loop keeps only weak references)
             task.add_done_callback(self._pushing.discard)
-        return tensor_response(out, session.length)
+        return tensor_response(out, session.length, session.reply_dtype)
 
     def _check_span(self, meta: SpanRequest, backend: SpanBackend) -> None:
         if meta.protocol != SpanRequest.model_fields["protocol"].default:

@@ -34,6 +34,7 @@ class Session:
     key: str | None = None  # the client's session id, for pushes from the previous server
     push_to: Any = None  # PushTarget: where to push this session's outputs
     adapter: str | None = None  # the LoRA adapter this session computes with
+    reply_dtype: str | None = None  # the dtype its outputs travel in (None: the backend's)
     last_step_id: int = -1  # steps with an id not above this one were already run
     pushed: asyncio.Queue = field(  # inputs pushed by the previous server
         default_factory=lambda: asyncio.Queue(MAX_PENDING_PUSHES)

@@ -203,7 +203,8 @@ class FakeStream:
     servers: FakeServers
 
     def __init__(self, p2p: Any, peer_id: str, start: int, end: int, max_length: int, batch_size: int,
-                 *, push_to: Any = None, adapter: str | None = None) -> None:  # fmt: skip
+                 *, push_to: Any = None, adapter: str | None = None,
+                 reply_dtype: str | None = None) -> None:  # fmt: skip
         self.peer_id, self.start, self.end = peer_id, start, end
         self.session_id = uuid.uuid4().hex
         self.inputs: torch.Tensor | None = None

@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 RTT_TTL = 60.0  # seconds before a server's round-trip time is measured again
 REJOIN_EVERY = 5.0  # seconds between attempts to rejoin the swarm while blocks are missing
 MAX_SEEN = 32  # servers remembered to rejoin through
+RESET_GRACE = 60.0  # seconds: a server whose connection was reset is retried unbanned once per this
+
+
+def _connection_reset(error: BaseException) -> bool:
+    """Whether ``error`` says the connection (or its stream) was reset, rather than the server failing."""
+    text = f"{type(error).__name__}: {error}"
+    return isinstance(error, ConnectionResetError) or any(
+        marker in text for marker in ("ConnectionResetError", "stream reset", "Connection reset")
+    )
 
 
 class SequenceManager:
@@ -65,6 +74,7 @@ class SequenceManager:
         self._spans: list[ServerSpan] = []
         self._seen: dict[str, tuple[str, ...]] = {}  # servers seen, and their addresses: to rejoin through
         self._rejoined = -REJOIN_EVERY
+        self._resets: dict[str, float] = {}  # peer -> when a reset connection last spared it a ban
         self._updated = 0.0
         self._stop = threading.Event()
         atexit.register(self.shutdown)
@@ -132,10 +142,17 @@ class SequenceManager:
     def failed(self, hop: Hop, error: Exception, failures: int) -> str:
         """Ban a server that failed; returns a one-line account for logs and errors. After more
         than ``max_retries`` failures of one request, gives up with ``ServerUnavailable``."""
-        seconds = self.bans.ban(hop.peer_id)
+        now = time.monotonic()
+        if _connection_reset(error) and now - self._resets.get(hop.peer_id, -RESET_GRACE) >= RESET_GRACE:
+            # a connection, not the server, went away: a relayed one replaced by a direct one (hole
+            # punching), a relay restarting. The same server is tried again once, unbanned
+            self._resets[hop.peer_id] = now
+            seconds = 0.0
+        else:
+            seconds = self.bans.ban(hop.peer_id)
         account = (
             f"server ...{hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
-            f"banned for {seconds:.0f} s"
+            + (f"banned for {seconds:.0f} s" if seconds else "its connection was reset: trying it again")
         )
         if failures > self.config.max_retries:
             raise ServerUnavailable(f"giving up after {failures} failed servers; last: {account}") from error

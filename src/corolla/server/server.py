@@ -117,7 +117,7 @@ class Server:
         self.me = dht.peer_id.to_base58()
         direct = [maddr.rsplit("/p2p/", 1)[0] for maddr in visible_maddrs(dht)]
         circuits = circuit_addrs(list(self.config.network.initial_peers)) if self.relayed else []
-        self.addrs = tuple(circuits + direct)[:MAX_ADDRS]  # relays first: the direct ones are private
+        self.addrs = tuple(dict.fromkeys(circuits + direct))[:MAX_ADDRS]  # relays first: the rest is private
         try:
             p2p = await dht.replicate_p2p()
             bind_swarm_key(p2p, self.access.swarm_key)  # our calls (pushes, pings) carry proofs

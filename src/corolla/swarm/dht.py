@@ -24,7 +24,7 @@ from corolla.errors import SwarmUnavailable
 from corolla.swarm.auth import SwarmKey, SwarmKeyValidator, load_swarm_key
 from corolla.swarm.identity import ServerIdentity, verifying_validator
 from corolla.swarm.lifeline import forking_dht
-from corolla.swarm.maddrs import daemon_maddr, peer_of
+from corolla.swarm.maddrs import circuit_addrs, daemon_maddr, peer_of
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,14 @@ def relay_options(network: NetworkConfig, reachable: bool | None) -> dict[str, A
     elif reachable is False:
         options.update(client_mode=True, force_reachability="private")
         if use_relay and network.use_auto_relay and network.initial_peers:
-            options.update(use_auto_relay=True, trusted_relays=list(network.initial_peers))
+            # the daemon does not add its relay addresses to those it announces (identify), and a
+            # peer's announced addresses replace what others knew of it: announce them ourselves
+            circuits = circuit_addrs(list(network.initial_peers))
+            options.update(
+                use_auto_relay=True,
+                trusted_relays=list(network.initial_peers),
+                announce_maddrs=network.public_maddrs() + circuits,
+            )
     return options
 
 
@@ -124,6 +131,7 @@ def start_dht(
     swarm_key = load_swarm_key(network.swarm_key)
     extra: dict[str, Any] = relay_options(network, reachable)
     client_mode = extra.pop("client_mode", client_mode)
+    announce = extra.pop("announce_maddrs", network.public_maddrs())
     identity_path = network.identity_path
     if identity is not None:
         identity_path = identity.path
@@ -142,7 +150,7 @@ def start_dht(
                 num_workers=num_workers,
                 shutdown_timeout=1.0,
                 host_maddrs=network.listen_maddrs(),
-                announce_maddrs=network.public_maddrs() or None,
+                announce_maddrs=announce or None,
                 identity_path=identity_path,
                 client_mode=client_mode,
                 record_validators=record_validators(swarm_key, identity),

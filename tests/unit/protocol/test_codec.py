@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 from corolla.errors import BadRequest
@@ -136,3 +137,11 @@ def test_all_finite_finds_nan_and_infinity_in_every_wire_dtype(dtype: torch.dtyp
         y = x.clone()
         y[2, 3] = bad
         assert not all_finite(y) and not all_finite(y.t())
+
+
+def test_bfloat16_travels_in_two_bytes_per_element_and_round_trips() -> None:
+    tensor = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    message = pack(tensor)
+    assert len(message.buffer) == 2 * tensor.numel() and message.dtype == "bfloat16"
+    assert torch.equal(unpack(message), tensor)
+    assert torch.equal(deserialize_torch_tensor(message), tensor)  # as any hivemind peer reads it

@@ -22,6 +22,7 @@ def test_an_unreachable_peer_is_a_dht_client_reserving_slots_on_its_initial_peer
     options = relay_options(NetworkConfig(initial_peers=(PEER,)), False)
     assert options["client_mode"] is True and options["force_reachability"] == "private"
     assert options["use_auto_relay"] is True and options["trusted_relays"] == [PEER]
+    assert options["announce_maddrs"] == [f"{PEER}/p2p-circuit"]  # the daemon would not announce them
 
 
 def test_no_auto_relay_or_no_relay_keep_an_unreachable_peer_without_relays() -> None:

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from corolla.cli.local_swarm import fresh_log_dir, start_swarm, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import fresh_log_dir, start_swarm, stop_all
 from corolla.models.resolve import resolve_model
 
 QUESTION = [{"role": "user", "content": "Tell me about the city of Paris."}]

@@ -151,8 +151,8 @@ def main() -> int:
 
 
 def soak(args: argparse.Namespace, logs: Path) -> int:
-    from corolla.cli.local_swarm import LocalServer
     from corolla.config import BUILTIN_MODEL, default_cache_dir
+    from corolla.lab.local_swarm import LocalServer
     from corolla.lab.netlab import Home, Lab, PublicHost, Topology
     from corolla.models.resolve import resolve_model
 
@@ -213,7 +213,7 @@ def soak(args: argparse.Namespace, logs: Path) -> int:
 
 
 def start_volunteer(lab: Any, v: Volunteer, logs: Path) -> None:
-    from corolla.cli.local_swarm import LocalServer
+    from corolla.lab.local_swarm import LocalServer
 
     v.starts += 1
     v.expected_exit = False

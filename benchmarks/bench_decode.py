@@ -54,9 +54,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.generation.streamers import BaseStreamer
 
 from corolla.cli.generate import encode_prompt
-from corolla.cli.local_swarm import LocalServer, fresh_log_dir, shared_cores_args, start_swarm
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import LocalServer, fresh_log_dir, shared_cores_args, start_swarm
 from corolla.models.resolve import resolve_model
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corolla.cli.local_swarm import LocalServer, fresh_log_dir, server_args, start_dht_peer, stop_all
 from corolla.config import default_cache_dir
 from corolla.hub import ranges
 from corolla.lab.hub_endpoint import HubEndpoint
+from corolla.lab.local_swarm import LocalServer, fresh_log_dir, server_args, start_dht_peer, stop_all
 
 REPO = "bench/llama-shaped"
 MIB = 1024 * 1024

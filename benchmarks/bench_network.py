@@ -27,10 +27,10 @@ from hivemind.utils.logging import use_hivemind_log_handler
 from transformers import AutoConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from corolla.cli.local_swarm import LocalServer, fresh_log_dir, start_dht_peer, start_swarm, stop_all
-from corolla.cli.relay import DelayRelay, start_delayed_server
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, ClientConfig, default_cache_dir
+from corolla.lab.local_swarm import LocalServer, fresh_log_dir, start_dht_peer, start_swarm, stop_all
+from corolla.lab.relay import DelayRelay, start_delayed_server
 from corolla.models.resolve import resolve_model
 
 

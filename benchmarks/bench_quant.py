@@ -33,10 +33,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from corolla.cli.generate import encode_prompt
-from corolla.cli.local_swarm import start_swarm, stop_all
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.client.transport import call_info
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import start_swarm, stop_all
 from corolla.models.resolve import resolve_model
 from corolla.runtime.loader import parameter_bytes
 

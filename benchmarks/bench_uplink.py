@@ -120,8 +120,8 @@ def drive(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig
 
-    from corolla.cli.local_swarm import LocalServer, stop_all
     from corolla.config import BUILTIN_MODEL, default_cache_dir
+    from corolla.lab.local_swarm import LocalServer, stop_all
     from corolla.lab.netlab import Home, Lab, PublicHost, Topology
     from corolla.models.resolve import resolve_model
 

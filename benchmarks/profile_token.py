@@ -43,9 +43,9 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from corolla.cli.generate import encode_prompt
-from corolla.cli.local_swarm import fresh_log_dir
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.client.transport import call_info
+from corolla.lab.local_swarm import fresh_log_dir
 from corolla.models.resolve import resolve_model
 
 

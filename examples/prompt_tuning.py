@@ -25,8 +25,8 @@ from transformers import AutoTokenizer
 
 from corolla import AutoDistributedModelForCausalLM
 from corolla.cli.generate import encode_prompt
-from corolla.cli.local_swarm import start_swarm, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import start_swarm, stop_all
 from corolla.models.resolve import resolve_model
 
 DATA = Path(__file__).with_name("pirate.jsonl")

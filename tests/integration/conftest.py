@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corolla.cli.local_swarm import LocalServer, start_dht_peer
+from corolla.lab.local_swarm import LocalServer, start_dht_peer
 from helpers.models import save_tiny_llama
 
 NUM_BLOCKS = 6

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_forward, call_info
 from corolla.errors import BadRequest, MissingBlocks
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 NUM_BLOCKS = 6  # tiny_gqa_dir
 PREFIX = "lora"

@@ -27,8 +27,8 @@ from hivemind.p2p import PeerID
 from corolla.api.app import create_app
 from corolla.api.engine import Engine
 from corolla.cli.api import listen
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from helpers.models import save_tiny_chat_llama
 
 NUM_BLOCKS = 4

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 NUM_BLOCKS = 6  # tiny_gqa_dir
 SESSIONS = 8

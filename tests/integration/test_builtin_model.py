@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from helpers.tools import WEATHER_TOOL
 
 pytestmark = pytest.mark.slow

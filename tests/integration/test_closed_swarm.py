@@ -19,10 +19,10 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LOOPBACK, LocalServer, server_args, stop_all
 from corolla.client.transport import call_forward, call_info
 from corolla.config import ClientConfig, NetworkConfig
 from corolla.errors import MissingBlocks, Unauthorized
+from corolla.lab.local_swarm import LOOPBACK, LocalServer, server_args, stop_all
 from corolla.protocol.uids import make_uids
 from corolla.swarm.auth import SwarmKeyValidator, load_swarm_key, write_swarm_key
 from corolla.swarm.dht import start_dht

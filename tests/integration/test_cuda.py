@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
 from corolla.config import BUILTIN_MODEL
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.runtime.loader import load_span
 from corolla.runtime.memory import available_memory, block_bytes, num_blocks_for
 from corolla.runtime.quantize import default_quant_type

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 SPLITS = {
     "one": [(0, 6)],

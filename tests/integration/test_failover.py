@@ -10,9 +10,9 @@ import torch
 from transformers import StoppingCriteria
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.config import ClientConfig
 from corolla.errors import MissingBlocks
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 FAST_FAILURE = ClientConfig(step_timeout=10.0, max_wait_for_blocks=20.0)
 

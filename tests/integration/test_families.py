@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.models.families import SUPPORTED_FAMILIES
 from helpers.models import FAMILY_VARIANTS, save_tiny_family
 

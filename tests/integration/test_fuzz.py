@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corolla import AutoDistributedModelForCausalLM, errors
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_forward, call_info
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.protocol import codec
 from corolla.protocol.messages import (
     RPC_BACKWARD,

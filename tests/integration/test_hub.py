@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LOOPBACK, LocalServer, server_args, start_dht_peer, stop_all
 from corolla.errors import ConfigError
 from corolla.hub import ranges
 from corolla.hub.model import open_hub_model
 from corolla.lab.hub_endpoint import HubEndpoint
+from corolla.lab.local_swarm import LOOPBACK, LocalServer, server_args, start_dht_peer, stop_all
 from corolla.models.families import family_for
 from corolla.runtime.loader import layer_pattern
 from helpers.models import tiny_llama_config

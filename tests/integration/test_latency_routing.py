@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer
-from corolla.cli.relay import start_delayed_server
+from corolla.lab.local_swarm import LocalServer
+from corolla.lab.relay import start_delayed_server
 
 
 def test_inference_prefers_the_near_server(

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 CLIENTS = 16
 NEW_TOKENS = 64

@@ -15,9 +15,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.model import DistributedModelForCausalLM
 from corolla.client.sequential import RemoteSequential
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 PREFIX = "petals-api"
 TOLERANCE = 1e-4

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from helpers.models import save_tiny_chat_llama
 
 NUM_BLOCKS = 2

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
 from corolla.config import ClientConfig
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 
 def pushes(model, hop_index: int) -> int:  # type: ignore[no-untyped-def]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from corolla.cli.relay import free_port
+from corolla.lab.relay import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,12 @@ BLOCKS: list[tuple[str, str, str | None]] = [
     ("Seeing the swarm", "bash", None),
     ("A closed swarm", "bash", None),
     ("The server command", "bash", None),
+    (
+        "Volunteering from home",
+        "bash",
+        "builds a network lab and serves from namespaces (root, nftables): "
+        "tests/integration/lab/test_internet.py runs this scenario",
+    ),
     ("Running in a container", "bash", "needs a Docker engine, and none runs on this machine"),
     ("Running in a container", "bash", "needs a Docker engine, and none runs on this machine"),
     ("Running in a container", "bash", "needs a Docker engine, and none runs on this machine"),

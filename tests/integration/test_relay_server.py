@@ -17,9 +17,9 @@ from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
-from corolla.cli.relay import DelayRelay, start_delayed_server
 from corolla.config import NetworkConfig
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.lab.relay import DelayRelay, start_delayed_server
 from corolla.protocol.messages import RPC_PING
 from corolla.swarm.dht import start_dht
 from corolla.swarm.registry import fetch_block_records

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LOOPBACK, LocalServer, stop_all
 from corolla.config import ClientConfig
+from corolla.lab.local_swarm import LOOPBACK, LocalServer, stop_all
 from corolla.swarm.spans import coverage
 
 NUM_BLOCKS = 30

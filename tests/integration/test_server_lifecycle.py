@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.client.transport import call_info
 from corolla.config import ClientConfig
 from corolla.errors import AllocationFailed
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.runtime.loader import parameter_bytes
 
 CACHE_TOKENS = 64  # per block: room for one 40-token session, not for a second one

@@ -13,7 +13,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalServer, server_args, start_swarm, stop_all
+from corolla.lab.local_swarm import LocalServer, server_args, start_swarm, stop_all
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from corolla.cli.local_swarm import LOOPBACK, LocalServer, stop_all
+from corolla.lab.local_swarm import LOOPBACK, LocalServer, stop_all
 
 PREFIX = "swarmview"
 T = TypeVar("T")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from helpers.models import save_tiny_llama
 
 NUM_BLOCKS = 6  # tiny_gqa_dir

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LOOPBACK, LocalServer, server_args, start_swarm, stop_all
 from corolla.client.verify import VerificationError, VerificationReport
 from corolla.config import ClientConfig
+from corolla.lab.local_swarm import LOOPBACK, LocalServer, server_args, start_swarm, stop_all
 
 PREFIX = "verified"
 TESTS_DIR = Path(__file__).resolve().parents[1]

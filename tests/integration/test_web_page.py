@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from corolla.cli.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 
 pytestmark = pytest.mark.slow
 

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
-    from corolla.cli.local_swarm import fresh_log_dir, shared_cores_args, start_swarm, stop_all
     from corolla.client.model import AutoDistributedModelForCausalLM
+    from corolla.lab.local_swarm import fresh_log_dir, shared_cores_args, start_swarm, stop_all
     from corolla.models.resolve import resolve_model
 
     print(f"Preparing the built-in model {BUILTIN_MODEL} (converted once, then cached)...", flush=True)

@@ -11,7 +11,7 @@ A router masquerades what its home sends out (nftables) and drops every connecti
 outside, like a home router with no port forwarded: a home dials out, nobody dials in. An uplink
 cap is a ``tbf`` queue on the router's ``wan`` (what the home sends); a downlink cap one on its
 ``lan``. A public host's cap is on its ``eth0``. This kernel has no ``netem``: delay stays the job
-of ``corolla.cli.relay``.
+of ``corolla.lab.relay``.
 
 Processes run in a host with ``ip netns exec``, which execs the command: the pid is the
 command's own, so signals reach it. The filesystem is shared, so venvs and caches work as they are.

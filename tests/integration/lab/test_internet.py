@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from corolla.cli.local_swarm import LocalServer, stop_all
 from corolla.config import BUILTIN_MODEL, default_cache_dir
+from corolla.lab.local_swarm import LocalServer, stop_all
 from corolla.lab.netlab import Home, Lab, PublicHost, Topology, unavailable_reason
 
 REASON = unavailable_reason()

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from corolla.cli.local_swarm import LocalServer, server_args
+from corolla.lab.local_swarm import LocalServer, server_args
 
 T = TypeVar("T")
 CHUNK_BYTES = 64 * 1024

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from corolla.cli.relay import DelayRelay, free_port, loopback_host
+from corolla.lab.relay import DelayRelay, free_port, loopback_host
 
 DELAY = 0.05
 

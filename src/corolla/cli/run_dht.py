@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         # a bootstrap peer does not hide behind relays: others must be able to dial it
         level, message = reachability_message(
-            reach, skip=network.skip_reachability_check, relays=False, port=str(network.port or 31337)
+            reach, skip=network.skip_reachability_check, relays=False, port=str(network.port or 31337),
+            bootstrap=True,
         )
         logger.log(level, "%s", message)
         dht = start_dht(network, reachable=True)

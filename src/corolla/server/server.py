@@ -38,7 +38,7 @@ from corolla.server.plan import ServerPlan
 from corolla.server.sessions import SessionTable
 from corolla.server.sizing import decide_num_blocks, decide_throughput
 from corolla.swarm.auth import AccessPolicy, bind_swarm_key, describe, load_allowed_peers, load_swarm_key
-from corolla.swarm.dht import start_dht, visible_maddrs
+from corolla.swarm.dht import rejoin, routing_table_size, start_dht, visible_maddrs
 from corolla.swarm.identity import ServerIdentity
 from corolla.swarm.maddrs import circuit_addrs, peer_of
 from corolla.swarm.reachability import (
@@ -354,6 +354,11 @@ class Server:
             if self.span is None or self.handler.hosting is None:
                 continue  # moving: the move announces for itself
             try:
+                initial = self.config.network.initial_peers
+                if initial and await asyncio.to_thread(routing_table_size, dht) == 0:
+                    # alone in our DHT: the peers we knew left or restarted; join through the initial ones
+                    answered = await asyncio.to_thread(rejoin, dht, initial)
+                    logger.info("lost every DHT neighbour: %d initial peers answered a rejoin", answered)
                 record = self._record(ServerState.ONLINE, self.span)
                 await asyncio.to_thread(
                     announce, dht, self.dht_prefix, record, self.config.record_expiration,

@@ -194,6 +194,15 @@ async def _rejoin(_dht: DHT, node: Any, peers: Sequence[tuple[str, Sequence[str]
     return answered
 
 
+async def _routing_table_size(_dht: DHT, node: Any) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+def routing_table_size(dht: DHT) -> int:
+    """How many peers the DHT peer's routing table holds (0: it has lost the swarm)."""
+    return dht.run_coroutine(_routing_table_size)
+
+
 def rejoin(dht: DHT, initial_peers: Sequence[str], seen: Mapping[str, Sequence[str]] = {}) -> int:  # noqa: B006
     """Bring a long-running peer back into the swarm: ping its ``initial_peers`` (full multiaddrs) and
     the peers it has ``seen`` (peer id -> addresses) into its DHT routing table. hivemind drops peers

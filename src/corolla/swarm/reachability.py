@@ -219,11 +219,11 @@ def check_reachability(
 
 
 def reachability_message(
-    reach: Reachability | None, *, skip: bool, relays: bool, port: str
+    reach: Reachability | None, *, skip: bool, relays: bool, port: str, bootstrap: bool = False
 ) -> tuple[int, str]:
     """Pure: the log level and the one line a peer logs about its reachability. ``relays``:
     whether it will become reachable through relays when peers cannot dial it; ``port``: the port
-    to suggest forwarding."""
+    to suggest forwarding; ``bootstrap``: a ``corolla dht`` peer, which others must dial directly."""
     if reach is None:
         if skip:
             return logging.INFO, "reachability check skipped (--skip_reachability_check): serving directly"
@@ -238,6 +238,11 @@ def reachability_message(
         f"to serve directly, forward TCP port {port} on your router to this machine and start with "
         f"--port {port} --public_ip YOUR_PUBLIC_IP (or --announce_maddrs)"
     )
+    if bootstrap:
+        return logging.WARNING, (
+            f"not reachable directly ({reach.describe()}): peers outside your network cannot join "
+            f"through this bootstrap peer, nor use it as a relay; {fix}"
+        )
     if relays:
         return logging.INFO, (
             f"not reachable directly ({reach.describe()}): behind NAT or a firewall, so serving through "

@@ -34,6 +34,8 @@ def test_messages_say_direct_or_through_relays_and_what_to_forward() -> None:
     assert level == logging.WARNING and "unknown" in text
     assert "--skip_reachability_check" in reachability_message(None, skip=True, relays=True, port="1")[1]
     assert "first peer" in reachability_message(None, skip=False, relays=True, port="1")[1]
+    level, text = reachability_message(verdict([False]), skip=False, relays=False, port="1", bootstrap=True)
+    assert level == logging.WARNING and "bootstrap peer" in text and "--no_relay" not in text
 
 
 def test_a_dial_back_request_holds_a_few_addresses() -> None:

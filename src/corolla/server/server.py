@@ -48,6 +48,7 @@ from corolla.swarm.reachability import (
     reachability_message,
 )
 from corolla.swarm.registry import announce
+from corolla.swarm.relays import keep_reservations
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class Server:
             await self._host(dht, span)
             self._log_ready(dht, time.monotonic() - t0)
             tasks = [asyncio.create_task(self._reannounce(dht))]
+            if self.relayed:  # renew our relay slots: a relay that restarts forgets them
+                tasks.append(asyncio.create_task(keep_reservations(p2p, self.config.network.initial_peers)))
             if self._movable():
                 tasks.append(asyncio.create_task(self._rebalance(dht)))
             await self.stop.wait()

@@ -21,6 +21,7 @@ import torch
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.lab.local_swarm import LocalServer, stop_all
 from corolla.lab.netlab import Home, Lab, PublicHost, Topology, unavailable_reason
+from corolla.swarm.relays import RENEW_EVERY
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.netlab, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -28,6 +29,7 @@ HELPERS = Path(__file__).resolve().parents[2] / "helpers"
 UPLINK_MBIT = 20.0
 QUESTION = "What is the capital of France?"
 PEER_LINE = re.compile(r"joined the DHT as peer (\w+)")
+DHT_ARGS = ["--host_maddrs", "/ip4/0.0.0.0/tcp/31000"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,9 @@ def swarm(
     """A public ``corolla dht``, a server behind NAT (home1) and a public server (pub1), each with
     the whole built-in model."""
     logs = tmp_path_factory.mktemp("internet")
-    dht = start(lab, "dht", ["--host_maddrs", "/ip4/0.0.0.0/tcp/31000"], logs, "dht", "corolla.cli.run_dht")
+    dht = start(
+        lab, "dht", DHT_ARGS + ["--identity_path", str(logs / "dht.id")], logs, "dht", "corolla.cli.run_dht"
+    )
     servers = {"dht": dht}
     try:
         peer = dht.wait_ready(60)
@@ -184,6 +188,33 @@ def test_a_server_behind_nat_answers_a_client_in_another_home(
     assert answer["token_ids"] == greedy(local_model, answer["prompt_ids"], 12)
     assert time.monotonic() - started < 120
     assert [hop["peer_id"] for hop in answer["route"]] == [peer_id(swarm["home1"])]
+
+
+def test_a_server_behind_nat_stays_reachable_when_its_relay_restarts(
+    lab: Lab, swarm: dict[str, LocalServer]
+) -> None:
+    """The relay (the public `corolla dht`) restarts with its identity and port: it has forgotten the
+    home server's slot, which the server renews by itself."""
+    swarm["pub1"].kill()  # (if an earlier test has not) so that only the home server holds the blocks
+    dht = swarm["dht"]
+    dht.kill()
+    dht.process.wait(10)
+    identity = next(a for a in dht.args if a.endswith("dht.id"))
+    again = start(lab, "dht", DHT_ARGS + ["--identity_path", identity], dht.log_path.parent, "dht-again",
+                  "corolla.cli.run_dht")  # fmt: skip
+    swarm["dht"] = again  # stopped with the others
+    assert again.wait_ready(60) == dht.maddr
+    time.sleep(RENEW_EVERY + 5)  # one renewal later (without it: NO_RESERVATION for minutes)
+    result = lab.run(
+        "home2",
+        [sys.executable, "-m", "corolla.cli.main", "generate", QUESTION, "--initial_peers", again.maddr or "",
+         "--json", "--max_new_tokens", "4"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [hop["peer_id"] for hop in json.loads(result.stdout.splitlines()[-1])["route"]] == [
+        peer_id(swarm["home1"])
+    ]
 
 
 COMPLETION = """

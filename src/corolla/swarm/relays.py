@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
 RESERVE = b"\x08\x00"  # HopMessage { type: RESERVE (0) }
 STATUS_FIELD, STATUS_OK = 5, 100
-RENEW_EVERY = 20.0  # seconds
+RENEW_EVERY = 10.0  # seconds
 TIMEOUT = 5.0
 MAX_MESSAGE = 1 << 16
 

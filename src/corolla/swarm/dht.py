@@ -178,16 +178,18 @@ def visible_maddrs(dht: DHT) -> list[str]:
 async def _rejoin(_dht: DHT, node: Any, peers: Sequence[tuple[str, Sequence[str]]]) -> int:
     """In the DHT's process: dial and ping ``peers`` (peer id, addresses) back into the routing table,
     then look up our neighbours again; how many answered."""
-    answered = 0
-    for peer, addrs in peers:
+
+    async def ping(peer: str, addrs: Sequence[str]) -> bool:
         peer_id = PeerID.from_base58(peer)
         if addrs:
             await dial_announced(node.p2p, peer_id, addrs)
         try:
-            if await asyncio.wait_for(node.protocol.call_ping(peer_id), DIAL_TIMEOUT) is not None:
-                answered += 1
+            return await asyncio.wait_for(node.protocol.call_ping(peer_id), DIAL_TIMEOUT) is not None
         except Exception as e:  # still down: the next attempt may find it back
             logger.debug("rejoin: ...%s did not answer: %s", peer[-8:], e)
+            return False
+
+    answered = sum(await asyncio.gather(*(ping(peer, addrs) for peer, addrs in peers)))  # all at once
     if answered:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), 2 * DIAL_TIMEOUT)

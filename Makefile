@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser serve test lint demo bench clean
+.PHONY: setup browser netlab serve test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,16 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 
-test: setup browser
+# nftables for the network lab's NAT routers (corolla.lab.netlab; ip and tc come with iproute2);
+# installed where root can, otherwise the lab's tests skip and say why
+netlab:
+	@command -v nft >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nftables; \
+		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+			sudo apt-get update -qq && sudo apt-get install -y -qq nftables; \
+		else echo "no nft and no root: the network lab's tests will skip (apt-get install nftables)"; fi; }
+
+test: setup browser netlab
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 

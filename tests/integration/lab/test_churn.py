@@ -27,7 +27,8 @@ def test_two_minutes_of_churn_lose_no_generation_and_no_token(tmp_path: Path) ->
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     report = result.stdout
-    assert "targets (100 % completed, 100 % exact, p99 stall <= 5 s, 0 crashes, idle): met" in report, (
+    # correctness is asserted; the stall (speed) is reported by the benchmark, not asserted here
+    assert "correctness (100 % completed, 100 % exact, 0 crashes, idle at the end): met" in report, (
         report[-3000:] + result.stderr[-3000:]
     )
     assert result.returncode == 0

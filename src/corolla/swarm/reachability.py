@@ -35,6 +35,17 @@ MAX_HELPERS = 5
 PROBE_IDLE = 120.0  # seconds a helper keeps its probe daemon after the last request
 
 
+class _ClosingNoise(logging.Filter):
+    """Drops what a probe daemon says while it is being closed: it accepts on a socket that its own
+    shutdown closes, and logs that as an error ("use of closed network connection")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "use of closed network connection" not in record.getMessage()
+
+
+logging.getLogger("hivemind.p2p.p2p_daemon").addFilter(_ClosingNoise())
+
+
 class DialBackRequest(Message):
     addrs: tuple[str, ...] = Field(min_length=1, max_length=MAX_ADDRS)
 

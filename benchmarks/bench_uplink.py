@@ -102,15 +102,9 @@ def main() -> int:
     if args.client:
         run_client(args)
         return 0
-    from corolla.lab.netlab import unavailable_reason
+    from corolla.lab.netlab import exit_unless_available
 
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"bench_uplink: {reason}", file=sys.stderr)
-        return 2
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_unless_available("bench_uplink")
     return drive(args)
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,16 @@ def unavailable_reason() -> str | None:
             hint = " (apt-get install nftables)" if tool == "nft" else " (apt-get install iproute2)"
             return f"the network lab needs the '{tool}' command{hint}"
     return None
+
+
+def exit_unless_available(prog: str) -> None:
+    """For a script that builds labs: exit with status 2 and the reason where this machine cannot,
+    and make SIGTERM an exit, so that its ``with Lab.up(...)`` blocks remove their namespaces."""
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"{prog}: {reason}", file=sys.stderr)
+        raise SystemExit(2)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _run(argv: Sequence[str], *, stdin: str | None = None) -> None:

@@ -16,7 +16,8 @@ CIRCUIT_CODE = 290  # multicodec "p2p-circuit"
 CIRCUIT = "/p2p-circuit"
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n`` as an unsigned LEB128 varint (multiaddr codes, protobuf keys and lengths)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -47,11 +48,11 @@ def daemon_maddr(text: str) -> Multiaddr:
             digest = PeerID.from_base58(parts[i + 1]).to_bytes()
             if len(digest) < 3 or digest[0] not in (0x00, 0x12) or digest[1] != len(digest) - 2:
                 raise ValueError(f"not a peer id: {parts[i + 1]!r}")  # identity or sha2-256 multihash
-            out += _varint(P2P_CODE) + _varint(len(digest)) + digest
+            out += varint(P2P_CODE) + varint(len(digest)) + digest
             i += 2
         elif name == "p2p-circuit":
             flush()
-            out += _varint(CIRCUIT_CODE)
+            out += varint(CIRCUIT_CODE)
             i += 1
         else:
             plain.append(name)

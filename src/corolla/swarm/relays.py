@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from hivemind.p2p import P2P, PeerID
 
 from corolla.swarm.dht import dial_announced
-from corolla.swarm.maddrs import peer_of
+from corolla.swarm.maddrs import peer_of, varint
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +28,6 @@ STATUS_FIELD, STATUS_OK = 5, 100
 RENEW_EVERY = 10.0  # seconds
 TIMEOUT = 5.0
 MAX_MESSAGE = 1 << 16
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _read_varint(data: bytes, i: int) -> tuple[int, int]:
@@ -97,7 +88,7 @@ async def reserve(p2p: P2P, relay: str) -> bool:
     await dial_announced(p2p, peer_id, [relay.rsplit("/p2p/", 1)[0]])
     _, reader, writer = await asyncio.wait_for(p2p._client.stream_open(peer_id, (HOP_PROTOCOL,)), TIMEOUT)
     try:
-        writer.write(_varint(len(RESERVE)) + RESERVE)
+        writer.write(varint(len(RESERVE)) + RESERVE)
         await writer.drain()
         return hop_status(await asyncio.wait_for(_read_message(reader), TIMEOUT)) == STATUS_OK
     finally:

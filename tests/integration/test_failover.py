@@ -105,3 +105,61 @@ def test_a_block_with_no_server_left_raises_a_named_error_within_the_bound(
     finally:
         model.manager.shutdown()
         stop_all(servers)
+
+
+class LoseAt(StoppingCriteria):
+    """Stream faults at given new-token counts: ``(tokens, hop, "request")`` loses the next step's
+    request to hop ``hop``'s server (never written to the stream), ``(tokens, hop, "reply")`` drops
+    that server's next reply on arrival. The server stays up and answers pings throughout."""
+
+    def __init__(self, session, prompt: int, faults: list[tuple[int, int, str]]) -> None:  # type: ignore[no-untyped-def]
+        self.session, self.prompt = session, prompt
+        self.faults = sorted(faults)
+        self.stamps: list[float] = []
+        self.route: list[str] = []  # the session's servers before the first fault
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.stamps.append(time.monotonic())
+        self.route = self.route or [h.peer_id for h in self.session.route]
+        while self.faults and input_ids.shape[1] - self.prompt >= self.faults[0][0]:
+            _, hop, what = self.faults.pop(0)
+            stream = self.session._hops[hop].stream
+            if what == "request":
+                outbox, send = stream._outbox, stream._outbox.put_nowait
+                outbox.put_nowait = lambda item, outbox=outbox, send=send: setattr(outbox, "put_nowait", send)
+            else:
+                stream._responses = _dropping_one(stream._responses)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+async def _dropping_one(responses):  # type: ignore[no-untyped-def]
+    await anext(responses)
+    async for response in responses:
+        yield response
+
+
+def test_a_step_lost_with_its_stream_is_resent_on_a_new_stream_to_the_same_server(
+    tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path: Path, expected_200, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost request (hop 0: no push brings it) or reply (hop 1) is noticed within seconds, not at
+    the 60 s step timeout: the server says it never got the step, or ran it, so the client reopens
+    the hop on the same server (no ban) and replays; the tokens are the undisturbed ones."""
+    servers = swarm(tiny_gqa_dir, dht_peer, "lost", [(0, 3), (3, 6)], tmp_path)
+    model = client(tiny_gqa_dir, dht_peer, "lost", ClientConfig(step_timeout=60.0))
+    ids, expected = expected_200
+    try:
+        with torch.no_grad(), model.inference_session(max_length=ids.shape[1] + 40) as session:
+            faults = LoseAt(session, ids.shape[1], [(10, 0, "request"), (25, 1, "reply")])
+            tokens = model.generate(ids, max_new_tokens=40, do_sample=False, stopping_criteria=[faults])
+            route = [h.peer_id for h in session.route]
+        assert torch.equal(tokens, expected[:, : ids.shape[1] + 40])
+        assert not faults.faults
+        stalls = sorted(b - a for a, b in zip(faults.stamps, faults.stamps[1:], strict=False))
+        assert stalls[-2] < 10.0, stalls[-3:]  # both, well inside the step timeout
+        lost = [r.getMessage() for r in caplog.records if "its stream was lost" in r.getMessage()]
+        assert len(lost) == 2 and "never got the step" in lost[0] and "its reply did not come" in lost[1]
+        assert all("trying it again on a new stream" in line for line in lost)
+        assert route == faults.route and len(route) == 2  # the same servers, not banned
+    finally:
+        model.manager.shutdown()
+        stop_all(servers)

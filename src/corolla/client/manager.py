@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, PeerID
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, latency_route, throughput_route
 from corolla.client.threads import hint_once
-from corolla.client.transport import EventLoopThread, measure_rtt
+from corolla.client.transport import STREAM_LOST, EventLoopThread, measure_rtt
 from corolla.client.verify import VerificationReport
 from corolla.config import ClientConfig, NetworkConfig
 from corolla.errors import MissingBlocks, ServerUnavailable
@@ -33,10 +33,11 @@ RESET_GRACE = 60.0  # seconds: a server whose connection was reset is retried un
 
 
 def _connection_reset(error: BaseException) -> bool:
-    """Whether ``error`` says the connection (or its stream) was reset, rather than the server failing."""
+    """Whether ``error`` says the connection (or its stream) was reset or lost, rather than the
+    server failing."""
     text = f"{type(error).__name__}: {error}"
     return isinstance(error, ConnectionResetError) or any(
-        marker in text for marker in ("ConnectionResetError", "stream reset", "Connection reset")
+        marker in text for marker in ("ConnectionResetError", "stream reset", "Connection reset", STREAM_LOST)
     )
 
 
@@ -152,7 +153,7 @@ class SequenceManager:
             seconds = self.bans.ban(hop.peer_id)
         account = (
             f"server ...{hop.peer_id[-8:]} failed on blocks {hop.start}:{hop.end} ({error}); "
-            + (f"banned for {seconds:.0f} s" if seconds else "its connection was reset: trying it again")
+            + (f"banned for {seconds:.0f} s" if seconds else "trying it again on a new stream")
         )
         if failures > self.config.max_retries:
             raise ServerUnavailable(f"giving up after {failures} failed servers; last: {account}") from error

@@ -36,6 +36,9 @@ from corolla.protocol.messages import (
     Reply,
     ServerInfoReply,
     ServerInfoRequest,
+    StreamProbe,
+    StreamState,
+    decode,
     encode,
 )
 from corolla.swarm.auth import sign_request
@@ -45,6 +48,13 @@ T = TypeVar("T")
 # errors after which a client routes around the server (the server, not the request, is at fault)
 RETRIABLE: tuple[type[Exception], ...] = (ServerUnavailable, RemoteError)
 LIVENESS_PERIOD = 1.0  # seconds a step may take before the client checks that the server is alive
+# A step whose server is alive but holds neither its input nor a reply for it this long after it was
+# sent (plus its bytes at LOST_LINK_RATE) was lost with its stream: a connection under it was
+# replaced (a relayed one by a direct one, a relay restarting). Checked twice, LOST_CONFIRM apart.
+LOST_AFTER = 1.5
+LOST_CONFIRM = 1.0
+LOST_LINK_RATE = 1.25e6  # bytes/s (10 Mbit/s): a slow uplink still delivers a large step in time
+STREAM_LOST = "its stream was lost"  # in the error's text: the server is retried (manager.failed)
 
 
 class EventLoopThread:
@@ -181,6 +191,42 @@ async def call_info(p2p: P2P, peer_id: PeerID) -> ServerInfoReply:
         raise
 
 
+def _lost(state: StreamState | None, step_id: int) -> str | None:
+    """Why a step whose reply has not come was lost on its way, going by what the server says of
+    its stream; ``None`` while it may still come (the server runs it, or does not say)."""
+    if state is None:
+        return None
+    if not state.known:
+        return "does not hold the session"
+    if state.done >= step_id:
+        return "ran the step and its reply did not come"
+    if state.received < step_id:
+        return "never got the step"
+    return None  # received and not yet run: queued or computing
+
+
+def _reply_bytes(hidden: torch.Tensor) -> int:
+    """About what a step's reply weighs: its hidden states in float32 at most."""
+    return hidden.numel() * 4
+
+
+async def probe_stream(p2p: P2P, peer_id: PeerID, session_id: str, timeout: float) -> StreamState | None:
+    """A ping asking what the server has of our inference session ``session_id``. ``None``: the
+    server is alive but does not say (an older one); ``ServerUnavailable``: it did not answer."""
+    request = _request(StreamProbe(session_id=session_id))
+    sign_request(request, p2p, peer_id, RPC_PING)
+    try:
+        response = await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer_id, RPC_PING, request, runtime_pb2.ExpertResponse), timeout
+        )
+    except Exception as e:
+        raise ServerUnavailable(f"server ...{peer_id.to_base58()[-8:]} did not answer a ping") from e
+    try:
+        return decode(StreamState, response.metadata) if response.metadata else None
+    except Exception:  # an error reply (a refused ping): the server says nothing of the stream
+        return None
+
+
 async def measure_rtt(p2p: P2P, peer_id: PeerID, *, pings: int = 2, timeout: float = 2.0) -> float:
     """The best of a few ``ping`` round trips to a server, in seconds (``inf`` if it does not answer)."""
     best = float("inf")
@@ -244,7 +290,7 @@ class InferenceStream:
             if first:  # the stream's first message carries the proof (closed swarms)
                 sign_request(request, self.p2p, self.peer_id, RPC_INFERENCE)
             self._outbox.put_nowait(request)
-            response = await self._receive(timeout)
+            response = await self._receive(timeout, step_id, request.ByteSize() + _reply_bytes(hidden))
         except StopAsyncIteration:
             raise ServerUnavailable(f"server ...{self.peer[-8:]} closed the session") from None
         except TimeoutError:
@@ -260,29 +306,45 @@ class InferenceStream:
         self.position = position + hidden.shape[1]
         return out
 
-    async def _receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
-        """The next response. While it takes longer than ``LIVENESS_PERIOD``, ping the server: a
-        killed server is noticed within seconds, not when ``timeout`` runs out (hivemind's stream
-        reader does not end while our side of the stream is idle)."""
+    async def _receive(self, timeout: float, step_id: int, nbytes: int) -> runtime_pb2.ExpertResponse:
+        """The response to step ``step_id`` (``nbytes`` to carry both ways). While it takes longer
+        than ``LIVENESS_PERIOD``, ask the server about the stream each second: a killed server is
+        noticed within seconds, not when ``timeout`` runs out (hivemind's stream reader does not end
+        while our side of the stream is idle), and so is a step lost with its stream (``_lost``)."""
         assert self._responses is not None
         receive = asyncio.ensure_future(anext(self._responses))
-        deadline = time.monotonic() + timeout
-        while True:
-            done, _ = await asyncio.wait(
-                {receive}, timeout=min(LIVENESS_PERIOD, max(0.0, deadline - time.monotonic()))
-            )
-            if done:
-                return receive.result()
-            if time.monotonic() >= deadline:
-                receive.cancel()
-                raise TimeoutError
-            if await measure_rtt(self.p2p, self.peer_id, pings=1, timeout=2 * LIVENESS_PERIOD) == float(
-                "inf"
-            ):
-                receive.cancel()
-                raise ServerUnavailable(
-                    f"server ...{self.peer[-8:]} stopped answering (its connection is gone)"
+        sent = time.monotonic()
+        deadline, patience = sent + timeout, LOST_AFTER + nbytes / LOST_LINK_RATE
+        lost_since: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {receive}, timeout=min(LIVENESS_PERIOD, max(0.0, deadline - time.monotonic()))
                 )
+                if done:
+                    return receive.result()
+                if time.monotonic() >= deadline:
+                    raise TimeoutError
+                try:
+                    state = await probe_stream(self.p2p, self.peer_id, self.session_id, 2 * LIVENESS_PERIOD)
+                except ServerUnavailable:
+                    raise ServerUnavailable(
+                        f"server ...{self.peer[-8:]} stopped answering (its connection is gone)"
+                    ) from None
+                now = time.monotonic()
+                why = _lost(state, step_id) if now - sent >= patience else None
+                if why is None or receive.done():
+                    lost_since = None
+                elif lost_since is None:
+                    lost_since = now
+                elif now - lost_since >= LOST_CONFIRM:
+                    raise ServerUnavailable(
+                        f"server ...{self.peer[-8:]} answers pings but {why} {now - sent:.1f} s after it "
+                        f"was sent: {STREAM_LOST}"
+                    )
+        finally:
+            if not receive.done():
+                receive.cancel()
 
     async def close(self) -> None:
         self._outbox.put_nowait(None)

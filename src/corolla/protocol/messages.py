@@ -97,6 +97,23 @@ class PushStep(Message):
     position: int = Field(ge=0)
 
 
+class StreamProbe(Message):
+    """A ping that also asks about the caller's inference stream (``session_id`` of its
+    ``InferenceOpen``): a client whose step goes unanswered learns whether the server has it."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+
+
+class StreamState(Message):
+    """A ping's answer to a ``StreamProbe``. ``known``: the server has the session (open, or still
+    waiting for cache room); ``received``: the last step id it read from the client's stream;
+    ``done``: the last step id it ran (from the client or pushed); -1: none yet."""
+
+    known: bool = False
+    received: int = -1
+    done: int = -1
+
+
 class StepResult(Message):
     position: int
 

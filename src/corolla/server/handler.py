@@ -37,6 +37,8 @@ from corolla.protocol.messages import (
     ServerInfoRequest,
     SpanRequest,
     StepResult,
+    StreamProbe,
+    StreamState,
     decode,
     encode,
 )
@@ -102,6 +104,7 @@ class Handler:
         self.stopping = asyncio.Event()
         self._pushing: set[asyncio.Task[None]] = set()
         self._push_dialed: dict[str, float] = {}  # next servers dialed at their addresses, and when
+        self._opening: dict[str, tuple[str | None, int]] = {}  # sessions waiting for room: (peer, step id)
 
     def current(self) -> Hosting:
         """The hosted span, or ``ServerUnavailable`` while the server stops, loads or moves."""
@@ -142,14 +145,28 @@ class Handler:
     # --- RPCs ---------------------------------------------------------------------------------
 
     async def rpc_ping(self, request: Request, context: P2PContext) -> Response:
-        """Echo nothing: peers time how long their payload takes to arrive (bandwidth)."""
+        """Echo nothing: peers time how long their payload takes to arrive (bandwidth). A ping
+        carrying a ``StreamProbe`` is answered with the state of the caller's inference stream."""
         self.metrics.request("ping")
         try:
             self._authorize(RPC_PING, request, context)
+            if not request.metadata:
+                return Response()
+            probe = decode(StreamProbe, request.metadata)
+            return Response(metadata=encode(self._stream_state(probe.session_id, _peer_of(context))))
         except CorollaError as e:
             self.metrics.error("ping", e)
             return error_response(e)
-        return Response()
+
+    def _stream_state(self, key: str, peer: str | None) -> StreamState:
+        """What this server has of ``peer``'s inference session ``key`` (``StreamProbe``)."""
+        if key in self._opening:
+            owner, step_id = self._opening[key]
+            return StreamState(known=True, received=step_id) if owner == peer else StreamState()
+        session = self.hosting.sessions.find(key) if self.hosting is not None else None
+        if session is None or session.peer != peer:
+            return StreamState()
+        return StreamState(known=True, received=session.received_step, done=session.last_step_id)
 
     async def rpc_info(self, request: Request, context: P2PContext) -> Response:
         self.metrics.request("info")
@@ -247,6 +264,7 @@ class Handler:
             step = decode(InferenceStep, request.metadata)
             hosting = self.current()
             session = await self._open(step, hosting, _peer_of(context))
+            session.received_step = step.step_id
             inputs.pushed = session.pushed
             while True:
                 response = await self._run_input(session, hosting, request, step, pushed=inputs.last_was_push)
@@ -262,6 +280,8 @@ class Handler:
                 step = decode(InferenceStep, request.metadata)
                 if step.open is not None:
                     raise BadRequest("only the first message of an inference stream may carry 'open'")
+                if not inputs.last_was_push:
+                    session.received_step = max(session.received_step, step.step_id)
         except Exception as e:
             failure = self._report(e, "inference", context)
         finally:  # the session's cache is released on every exit, before anything else is awaited
@@ -379,17 +399,23 @@ class Handler:
                 PeerID.from_base58(meta.push_to.peer_id)
             except Exception:
                 raise BadRequest(f"push_to.peer_id {meta.push_to.peer_id[:64]!r} is not a peer id") from None
-        session = await hosting.sessions.open_waiting(
-            start=meta.start,
-            end=meta.end,
-            max_length=meta.max_length,
-            batch_size=meta.batch_size,
-            cache=hosting.backend.new_cache(meta.max_length),  # allocated on its first step
-            timeout=self.limits.session_timeout,
-            alloc_timeout=self.limits.max_alloc_timeout,
-            peer=peer,
-            max_per_peer=self.limits.max_sessions_per_peer,
-        )
+        if meta.session_id is not None:
+            self._opening[meta.session_id] = (peer, step.step_id)
+        try:
+            session = await hosting.sessions.open_waiting(
+                start=meta.start,
+                end=meta.end,
+                max_length=meta.max_length,
+                batch_size=meta.batch_size,
+                cache=hosting.backend.new_cache(meta.max_length),  # allocated on its first step
+                timeout=self.limits.session_timeout,
+                alloc_timeout=self.limits.max_alloc_timeout,
+                peer=peer,
+                max_per_peer=self.limits.max_sessions_per_peer,
+            )
+        finally:
+            if meta.session_id is not None:
+                self._opening.pop(meta.session_id, None)
         hosting.sessions.register_key(session, meta.session_id)
         session.push_to = meta.push_to
         session.adapter = meta.active_adapter

@@ -36,6 +36,7 @@ class Session:
     adapter: str | None = None  # the LoRA adapter this session computes with
     reply_dtype: str | None = None  # the dtype its outputs travel in (None: the backend's)
     last_step_id: int = -1  # steps with an id not above this one were already run
+    received_step: int = -1  # the last step id read from the client's stream (for StreamProbe)
     pushed: asyncio.Queue = field(  # inputs pushed by the previous server
         default_factory=lambda: asyncio.Queue(MAX_PENDING_PUSHES)
     )

@@ -331,3 +331,43 @@ def test_forward_refuses_bad_inputs_before_computing() -> None:
         assert backend.runs == 1
 
     asyncio.run(main())
+
+
+def test_a_stream_probe_says_what_the_server_has_of_the_callers_session() -> None:
+    async def state(handler: Handler, session_id: str, peer: int = 0) -> dict[str, Any]:
+        request = Request(metadata=json.dumps({"session_id": session_id}).encode())
+        response = await handler.rpc_ping(request, context(peer))
+        return json.loads(response.metadata or b"{}")
+
+    async def main() -> None:
+        handler, backend, sessions = make_handler(max_alloc_timeout=5.0)
+        assert (await handler.rpc_ping(Request(), context())).metadata == b""  # a plain ping: as before
+        assert await state(handler, "s1") == {}  # not known (all fields at their defaults)
+        backend.gate = asyncio.Event()
+        client = Client(handler)
+        client.send(step(0, 1, **opening(max_length=16, session_id="s1")))
+        reply = asyncio.ensure_future(client.receive())
+        await asyncio.sleep(0.1)
+        assert await state(handler, "s1") == {"known": True, "received": 1}  # running its first step
+        assert await state(handler, "s1", peer=1) == {}  # another peer learns nothing of it
+        backend.gate.set()
+        assert await reply == "ok"
+        assert await state(handler, "s1") == {"known": True, "received": 1, "done": 1}
+        big = Client(handler, peer=1)  # does not fit beside s1: waits for room, and is known meanwhile
+        big.send(step(0, 4, **opening(max_length=60, session_id="s2")))
+        waiting = asyncio.ensure_future(big.receive())
+        await asyncio.sleep(0.1)
+        assert await state(handler, "s2", peer=1) == {"known": True, "received": 4}
+        assert await state(handler, "s2") == {}
+        client.send(None)  # s1 closes: s2 gets its room
+        with pytest.raises(StopAsyncIteration):
+            await anext(client.replies)
+        assert await asyncio.wait_for(waiting, 2) == "ok"
+        assert await state(handler, "s1") == {}
+        bad = await handler.rpc_ping(Request(metadata=b'{"session_id": 5}'), context())
+        assert kind(bad).startswith("BadRequest")
+        for c in (client, big):
+            await c.replies.aclose()
+        assert (len(sessions), sessions.budget.used) == (0, 0)
+
+    asyncio.run(main())

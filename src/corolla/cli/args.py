@@ -12,6 +12,7 @@ import argparse
 import difflib
 import functools
 import logging
+import os
 import re
 import sys
 import types
@@ -205,8 +206,16 @@ def parse_block_indices(text: str) -> tuple[int, int]:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Readable logs on stderr; only CLI entry points call this, never an import."""
+    """Readable logs on stderr; only CLI entry points call this, never an import. ``COROLLA_LOGLEVEL``
+    (DEBUG, INFO, WARNING, ERROR) sets corolla's own level, as ``HIVEMIND_LOGLEVEL`` sets hivemind's."""
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
+    wanted = os.environ.get("COROLLA_LOGLEVEL", "").strip().upper()
+    if wanted in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        logging.getLogger("corolla").setLevel(wanted)
+    elif wanted:
+        logging.getLogger(__name__).warning(
+            "ignoring COROLLA_LOGLEVEL=%s: use DEBUG, INFO, WARNING or ERROR", os.environ["COROLLA_LOGLEVEL"]
+        )
     for chatty in ("httpx", "httpx2"):  # a line per HTTP request (hub downloads: one per range)
         logging.getLogger(chatty).setLevel(logging.WARNING)
 

@@ -256,6 +256,7 @@ class Handler:
         hosting: Hosting | None = None
         inputs = _StepInputs(requests, self.stopping)
         failure: Response | None = None
+        ended = "its stream went away"  # why the session ended, for the debug log
         try:
             request = await inputs.next(self.limits.step_timeout)
             if request is None:
@@ -266,6 +267,8 @@ class Handler:
             session = await self._open(step, hosting, _peer_of(context))
             session.received_step = step.step_id
             inputs.pushed = session.pushed
+            logger.debug("session %d of ...%s opened on blocks %d:%d", session.id, (session.peer or "")[-8:],
+                         session.start, session.end)  # fmt: skip
             while True:
                 response = await self._run_input(session, hosting, request, step, pushed=inputs.last_was_push)
                 if response is not None:
@@ -275,6 +278,7 @@ class Handler:
                     min(self.limits.step_timeout, session.deadline - time.monotonic())
                 )
                 if request is None:
+                    ended = "the client closed it"
                     return
                 self._check_deadline(session)
                 step = decode(InferenceStep, request.metadata)
@@ -284,10 +288,12 @@ class Handler:
                     session.received_step = max(session.received_step, step.step_id)
         except Exception as e:
             failure = self._report(e, "inference", context)
+            ended = f"{type(e).__name__}: {e}"
         finally:  # the session's cache is released on every exit, before anything else is awaited
             inputs.close()
             if session is not None and hosting is not None:
                 hosting.sessions.close(session)
+                logger.debug("session %d ended after step %d: %s", session.id, session.last_step_id, ended)
         if failure is not None:
             yield failure
             await self._linger(context)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from corolla.cli.args import (
     parse_block_indices,
     parse_server_args,
     server_parser,
+    setup_logging,
     split_multiaddr_lists,
 )
 from corolla.cli.run_dht import parse_dht_args
@@ -265,3 +267,19 @@ def test_a_switch_turned_off_in_a_config_file_or_the_environment(
 def test_a_switch_with_a_value_that_is_no_boolean_is_refused() -> None:
     with pytest.raises(ConfigError, match="--use_relay.*expected true or false"):
         parse_server_args(["--use_relay", "maybe"])
+
+
+def test_corolla_loglevel_sets_corollas_own_log_level_and_a_bad_value_is_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    corolla = logging.getLogger("corolla")
+    before = corolla.level
+    try:
+        monkeypatch.setenv("COROLLA_LOGLEVEL", "debug")
+        setup_logging()
+        assert corolla.getEffectiveLevel() == logging.DEBUG
+        monkeypatch.setenv("COROLLA_LOGLEVEL", "loud")
+        setup_logging()
+        assert "ignoring COROLLA_LOGLEVEL=loud: use DEBUG, INFO, WARNING or ERROR" in caplog.text
+    finally:
+        corolla.setLevel(before)

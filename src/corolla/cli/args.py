@@ -221,10 +221,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def route_hivemind_logs() -> None:
-    """Send hivemind's log records through our handler (hivemind installs its own on import)."""
-    from hivemind.utils.logging import use_hivemind_log_handler
+    """Send hivemind's log records through our handler (hivemind installs its own on import), at
+    the level ``HIVEMIND_LOGLEVEL`` names, if any (moving the handler resets hivemind's level)."""
+    from hivemind.utils.logging import loglevel, use_hivemind_log_handler
 
     use_hivemind_log_handler("nowhere")
+    if "HIVEMIND_LOGLEVEL" in os.environ:
+        logging.getLogger("hivemind").setLevel(loglevel)
 
 
 def run_command(prog: str, body: Callable[[], None]) -> int:

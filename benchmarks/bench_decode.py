@@ -288,6 +288,26 @@ def repeat_runs(phase: Phase, generate_once: Callable[[], Run], warmup: int, rep
     return phase
 
 
+def measure_llamacpp(model_dir: Path, input_ids: torch.Tensor, args: argparse.Namespace) -> Phase:
+    """llama.cpp on the same model in float32, greedy on the same prompt ids (``llamacpp_row.py``)."""
+    from llamacpp_row import LlamaCpp, gguf_of
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_ctx = input_ids.shape[1] + args.max_new_tokens
+    llm = LlamaCpp(gguf_of(model_dir, Path(args.cache_dir)), n_ctx, threads)
+    ids = input_ids[0].tolist()
+
+    def once() -> Run:
+        ttft, times, tokens = llm.greedy(ids, args.max_new_tokens)
+        return Run(ttft, (len(times) - 1) / (times[-1] - times[0]), tokens)
+
+    try:
+        return repeat_runs(Phase("llamacpp", f"llama.cpp float32, {threads} threads"), once, args.warmup,
+                           args.repeats)  # fmt: skip
+    finally:
+        llm.close()
+
+
 def measure_local(
     key: str, label: str, model: PreTrainedModel, input_ids: torch.Tensor, args: argparse.Namespace
 ) -> Phase:
@@ -397,6 +417,7 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
     reference = phases["local_before"].runs[0].tokens
     swarm_keys = [k for k in phases if k.startswith("swarm")]
     identical = {key: all(r.tokens == reference for r in phases[key].runs) for key in phases}
+    llamacpp = identical.pop("llamacpp", None)  # another implementation: reported on its own
     return {
         "machine": machine_info(),
         "settings": {
@@ -412,10 +433,11 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
         },
         "local": local.summary(),
         "phases": {key: phase.summary() for key, phase in phases.items()},
-        "ratios": {key: compare(phases[key], local) for key in swarm_keys},
+        "ratios": {key: compare(phases[key], local) for key in [*swarm_keys, "llamacpp"] if key in phases},
         "serving": serving_figures(phases, args),
         "tokens_identical": all(identical.values()),
         "tokens_identical_by_phase": identical,
+        "llamacpp_tokens_identical": llamacpp,
     }
 
 
@@ -473,6 +495,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [format_row(phases[key], None) for key in phases if key.startswith("local")]
     lines.append(format_row(report["local"], None, baseline=True))
     lines += [format_row(phases[key], report["ratios"][key]) for key in phases if key.startswith("swarm")]
+    if "llamacpp" in phases:
+        lines.append(format_row(phases["llamacpp"], report["ratios"]["llamacpp"]))
     v = report["serving"]
     lines += [
         "",
@@ -490,6 +514,9 @@ def format_table(report: dict[str, Any]) -> str:
         "runs; well above 0% means those figures were disturbed. ready s = server start until ready.",
         format_identical(report),
     ]
+    if report["llamacpp_tokens_identical"] is not None:
+        same = "yes" if report["llamacpp_tokens_identical"] else "no"
+        lines.append(f"llama.cpp's tokens identical to local: {same}")
     return "\n".join(lines)
 
 
@@ -548,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--hog", action="store_true", help="one busy process per core during every phase")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument(
+        "--llamacpp", action="store_true",
+        help="add a row for llama.cpp running the same model in float32 (installed by make llamacpp)",
+    )  # fmt: skip
     return p
 
 
@@ -563,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeats < 1 or args.max_new_tokens < 2:
         raise SystemExit("--repeats must be >= 1 and --max_new_tokens >= 2")
+    if args.llamacpp:
+        from llamacpp_row import unavailable_reason
+
+        if (reason := unavailable_reason()) is not None:
+            raise SystemExit(f"--llamacpp: {reason}")
     quiet_logs()
     model_dir = resolve_model(args.model, args.cache_dir).path
     num_blocks = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -581,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         halves = [(0, half), (half, num_blocks)]
         phases["swarm_2"] = measure_swarm("swarm_2", halves, input_ids, args, log_dir)
         phases["local_after"] = measure_local("local_after", "local, after servers", local, input_ids, args)
+        if args.llamacpp:
+            phases["llamacpp"] = measure_llamacpp(model_dir, input_ids, args)
     finally:
         for hog in hogs:
             hog.kill()

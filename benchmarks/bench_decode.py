@@ -289,23 +289,20 @@ def repeat_runs(phase: Phase, generate_once: Callable[[], Run], warmup: int, rep
 
 
 def measure_llamacpp(model_dir: Path, input_ids: torch.Tensor, args: argparse.Namespace) -> Phase:
-    """llama.cpp on the same model in float32, greedy on the same prompt ids (``llamacpp_row.py``)."""
-    from llamacpp_row import LlamaCpp, gguf_of
+    """llama.cpp on the same model in float32 (``llamacpp_row.py``): per repeat, its generation rate
+    and, as the time to the first token, its processing time for a prompt of the same length."""
+    from llamacpp_row import bench, gguf_of
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_ctx = input_ids.shape[1] + args.max_new_tokens
-    llm = LlamaCpp(gguf_of(model_dir, Path(args.cache_dir)), n_ctx, threads)
-    ids = input_ids[0].tolist()
-
-    def once() -> Run:
-        ttft, times, tokens = llm.greedy(ids, args.max_new_tokens)
-        return Run(ttft, (len(times) - 1) / (times[-1] - times[0]), tokens)
-
-    try:
-        return repeat_runs(Phase("llamacpp", f"llama.cpp float32, {threads} threads"), once, args.warmup,
-                           args.repeats)  # fmt: skip
-    finally:
-        llm.close()
+    gguf = gguf_of(model_dir, Path(args.cache_dir))
+    phase = Phase("llamacpp", f"llama.cpp float32, {threads} threads")
+    load = OthersLoad()
+    load.start()
+    decode = bench(gguf, threads, prompt=0, generate=args.max_new_tokens, repeats=args.repeats)
+    prompt = bench(gguf, threads, prompt=input_ids.shape[1], generate=0, repeats=args.repeats)
+    phase.others_cpu_share = load.share()
+    phase.runs = [Run(input_ids.shape[1] / p, d, []) for d, p in zip(decode, prompt, strict=True)]
+    return phase
 
 
 def measure_local(
@@ -416,8 +413,8 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
     local = Phase("local", "local (all runs)", runs=local_runs)
     reference = phases["local_before"].runs[0].tokens
     swarm_keys = [k for k in phases if k.startswith("swarm")]
-    identical = {key: all(r.tokens == reference for r in phases[key].runs) for key in phases}
-    llamacpp = identical.pop("llamacpp", None)  # another implementation: reported on its own
+    ours = [key for key in phases if key != "llamacpp"]  # llama.cpp: speed only
+    identical = {key: all(r.tokens == reference for r in phases[key].runs) for key in ours}
     return {
         "machine": machine_info(),
         "settings": {
@@ -437,7 +434,6 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
         "serving": serving_figures(phases, args),
         "tokens_identical": all(identical.values()),
         "tokens_identical_by_phase": identical,
-        "llamacpp_tokens_identical": llamacpp,
     }
 
 
@@ -514,9 +510,8 @@ def format_table(report: dict[str, Any]) -> str:
         "runs; well above 0% means those figures were disturbed. ready s = server start until ready.",
         format_identical(report),
     ]
-    if report["llamacpp_tokens_identical"] is not None:
-        same = "yes" if report["llamacpp_tokens_identical"] else "no"
-        lines.append(f"llama.cpp's tokens identical to local: {same}")
+    if "llamacpp" in phases:
+        lines.append("llama.cpp: llama-bench's generation rate, its prompt processing as TTFT (speed only)")
     return "\n".join(lines)
 
 

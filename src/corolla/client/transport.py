@@ -49,8 +49,9 @@ T = TypeVar("T")
 RETRIABLE: tuple[type[Exception], ...] = (ServerUnavailable, RemoteError)
 LIVENESS_PERIOD = 1.0  # seconds a step may take before the client checks that the server is alive
 # A step whose server is alive but holds neither its input nor a reply for it this long after it was
-# sent (plus its bytes at LOST_LINK_RATE) was lost with its stream: a connection under it was
-# replaced (a relayed one by a direct one, a relay restarting). Checked twice, LOST_CONFIRM apart.
+# sent (plus its bytes at LOST_LINK_RATE) was lost with its stream: the connection under it went away
+# while the server's other connections stayed (a relay reset it or restarted; hivemind's stream
+# reader does not see it end). Checked twice, LOST_CONFIRM apart.
 LOST_AFTER = 1.5
 LOST_CONFIRM = 1.0
 LOST_LINK_RATE = 1.25e6  # bytes/s (10 Mbit/s): a slow uplink still delivers a large step in time

@@ -190,8 +190,9 @@ HOGS: set[int] = set()  # --hog's busy processes: other work on the machine, not
 
 
 def _our_jiffies() -> int:
-    """CPU time of this process and all its descendants (servers, p2p daemons), in clock ticks;
-    the ``--hog`` processes count as others'."""
+    """CPU time of this process and all its descendants (servers, p2p daemons), in clock ticks,
+    those that ended included (a process's children's time once it has waited for them, such as
+    llama-bench's); the ``--hog`` processes count as others'."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -200,7 +201,7 @@ def _our_jiffies() -> int:
         except (OSError, IndexError):
             continue  # the process has gone
         pid = int(stat.parent.name)
-        parents[pid], ticks[pid] = int(rest[1]), int(rest[11]) + int(rest[12])
+        parents[pid], ticks[pid] = int(rest[1]), sum(int(t) for t in rest[11:15])  # u, s, cu, cs time
     ours, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         parent = frontier.pop()

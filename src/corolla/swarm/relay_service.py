@@ -142,7 +142,6 @@ class RelayService:
     p2p: P2P
     reservations: dict[str, float] = field(default_factory=dict)  # peer -> expiry (monotonic)
     circuits: Counter[str] = field(default_factory=Counter)  # relayed connections open, per peer
-    relayed: int = 0  # connections relayed so far
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(HOP_PROTOCOL, self._handle)
@@ -206,7 +205,6 @@ class RelayService:
                 return
             await _send(writer, Message(type=HOP_STATUS, status=OK), HOP)
             self.circuits.update((source, name))
-            self.relayed += 1
             try:
                 await _pipe(reader, writer, stop_reader, stop_writer)
             finally:

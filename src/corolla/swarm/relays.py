@@ -17,66 +17,27 @@ from collections.abc import Sequence
 
 from hivemind.p2p import P2P, PeerID
 
+from corolla.swarm.circuit import HOP, HOP_PROTOCOL, OK, Message, encode, read_message, walk
+from corolla.swarm.circuit import RESERVE as RESERVE_TYPE
 from corolla.swarm.dht import dial_announced
 from corolla.swarm.maddrs import peer_of, varint
 
 logger = logging.getLogger(__name__)
 
-HOP_PROTOCOL = "/libp2p/circuit/relay/0.2.0/hop"
-RESERVE = b"\x08\x00"  # HopMessage { type: RESERVE (0) }
-STATUS_FIELD, STATUS_OK = 5, 100
+RESERVE = encode(Message(type=RESERVE_TYPE), HOP)  # HopMessage { type: RESERVE (0) }
+STATUS_FIELD, STATUS_OK = HOP[2], OK
 RENEW_EVERY = 10.0  # seconds
 TIMEOUT = 5.0
-MAX_MESSAGE = 1 << 16
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise ValueError("truncated varint")
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not byte & 0x80:
-            return value, i
 
 
 def hop_status(message: bytes) -> int | None:
     """Pure: the ``status`` of a HopMessage (protobuf field 5), or None when it has none or is
     malformed."""
-    i, status = 0, None
     try:
-        while i < len(message):
-            key, i = _read_varint(message, i)
-            field, wire = key >> 3, key & 7
-            if wire == 0:
-                value, i = _read_varint(message, i)
-                if field == STATUS_FIELD:
-                    status = value
-            elif wire == 2:
-                length, i = _read_varint(message, i)
-                i += length
-            else:
-                return None  # fixed-width fields do not occur in HopMessage
-        return status if i == len(message) else None
+        statuses = [value for number, value in walk(message) if number == STATUS_FIELD]
     except ValueError:
         return None
-
-
-async def _read_message(reader: asyncio.StreamReader) -> bytes:
-    length, shift = 0, 0
-    while True:
-        byte = (await reader.readexactly(1))[0]
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-        if shift > 28:
-            raise ValueError("oversized length prefix")
-    if length > MAX_MESSAGE:
-        raise ValueError(f"a {length}-byte hop message")
-    return await reader.readexactly(length)
+    return statuses[-1] if statuses and isinstance(statuses[-1], int) else None
 
 
 async def reserve(p2p: P2P, relay: str) -> bool:
@@ -90,7 +51,7 @@ async def reserve(p2p: P2P, relay: str) -> bool:
     try:
         writer.write(varint(len(RESERVE)) + RESERVE)
         await writer.drain()
-        return hop_status(await asyncio.wait_for(_read_message(reader), TIMEOUT)) == STATUS_OK
+        return hop_status(await asyncio.wait_for(read_message(reader), TIMEOUT)) == STATUS_OK
     finally:
         writer.close()
 

@@ -1,10 +1,10 @@
-"""The circuit relay v2 messages corolla's relay service reads and writes (pure parts)."""
+"""The circuit relay v2 messages corolla reads and writes (pure parts)."""
 
 from __future__ import annotations
 
 import pytest
 
-from corolla.swarm.relay_service import (
+from corolla.swarm.circuit import (
     CONNECT,
     HOP,
     HOP_STATUS,

@@ -58,7 +58,7 @@ def run_client(args: argparse.Namespace) -> None:
     from transformers.generation.streamers import BaseStreamer
 
     from corolla.client.model import AutoDistributedModelForCausalLM
-    from corolla.config import BUILTIN_MODEL, default_cache_dir
+    from corolla.config import BUILTIN_MODEL, ClientConfig, default_cache_dir
     from corolla.models.resolve import resolve_model
     from corolla.swarm.maddrs import is_relayed
 
@@ -79,8 +79,6 @@ def run_client(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("corolla").setLevel(logging.DEBUG)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN_MODEL, default_cache_dir()).path)
-    from corolla.config import ClientConfig
-
     config = ClientConfig(use_push=not os.environ.get("BENCH_CHURN_NO_PUSH"))
     model = AutoDistributedModelForCausalLM.from_pretrained(
         BUILTIN_MODEL, initial_peers=[args.peer], client_config=config

@@ -56,7 +56,7 @@ from transformers.generation.streamers import BaseStreamer
 from corolla.cli.generate import encode_prompt
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.config import BUILTIN_MODEL, default_cache_dir
-from corolla.lab.local_swarm import LocalServer, fresh_log_dir, shared_cores_args, start_swarm
+from corolla.lab.local_swarm import LocalServer, fresh_log_dir, shared_cores_args, start_swarm, usable_cores
 from corolla.models.resolve import resolve_model
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -294,7 +294,7 @@ def measure_llamacpp(model_dir: Path, input_ids: torch.Tensor, args: argparse.Na
     and, as the time to the first token, its processing time for a prompt of the same length."""
     from llamacpp_row import bench, gguf_of
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = usable_cores()
     gguf = gguf_of(model_dir, Path(args.cache_dir))
     phase = Phase("llamacpp", f"llama.cpp float32, {threads} threads")
     load = OthersLoad()
@@ -402,7 +402,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "gpu": gpu,
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -580,8 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def start_hogs() -> list[subprocess.Popen]:
     """One process per core spinning in pure Python (other work on the machine)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cores())]
     HOGS.update(h.pid for h in hogs)
     return hogs
 

@@ -222,8 +222,9 @@ class ServerConfig:
     num_threads: int | None = field(
         default=None,
         metadata=_help(
-            "CPU threads this server computes with (default: torch's, one per core); positive. "
-            "Servers sharing one machine run faster with the cores split between them"
+            "CPU threads this server computes with, exactly (default: torch's, one per core, and "
+            "decode passes use fewer while that measures faster, as it does when other work runs); "
+            "positive. Servers sharing one machine run faster with the cores split between them"
         ),
     )
     tensor_parallel_devices: tuple[str, ...] = field(

@@ -13,6 +13,7 @@ import torch
 from corolla import AutoDistributedModelForCausalLM
 from corolla.client.transport import call_info
 from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
+from corolla.protocol.messages import ServerInfoReply
 
 NUM_BLOCKS = 6  # tiny_gqa_dir
 SESSIONS = 8
@@ -33,10 +34,10 @@ def model(tiny_gqa_dir: Path, dht_peer: LocalServer, tmp_path_factory: pytest.Te
     stop_all(servers)
 
 
-def batched_steps(model) -> int:  # type: ignore[no-untyped-def]
+def server_info(model) -> ServerInfoReply:  # type: ignore[no-untyped-def]
     manager = model.manager
     hop = manager.route(0, NUM_BLOCKS)[0]
-    return manager.loop.run(call_info(manager.p2p, manager.peer(hop)), timeout=30).batched_steps
+    return manager.loop.run(call_info(manager.p2p, manager.peer(hop)), timeout=30)
 
 
 def test_eight_concurrent_sessions_get_the_tokens_each_gets_alone(model, local_model) -> None:  # type: ignore[no-untyped-def]
@@ -47,7 +48,7 @@ def test_eight_concurrent_sessions_get_the_tokens_each_gets_alone(model, local_m
         alone = [model.generate(p, max_new_tokens=NEW_TOKENS, do_sample=False) for p in prompts]
     for p, out in zip(prompts, alone, strict=True):  # and alone equals local transformers
         assert torch.equal(out, local_model.generate(p, max_new_tokens=NEW_TOKENS, do_sample=False))
-    before = batched_steps(model)
+    before = server_info(model).batched_steps
 
     together: list[torch.Tensor | None] = [None] * SESSIONS
     barrier = threading.Barrier(SESSIONS)
@@ -64,4 +65,7 @@ def test_eight_concurrent_sessions_get_the_tokens_each_gets_alone(model, local_m
         thread.join(timeout=120)
     for i in range(SESSIONS):
         assert together[i] is not None and torch.equal(together[i], alone[i]), i
-    assert batched_steps(model) > before  # the steps really were merged on the server
+    info = server_info(model)
+    assert info.batched_steps > before  # the steps really were merged on the server
+    # with default flags a CPU server picks its decode threads by measuring (1..its torch threads)
+    assert info.decode_threads is not None and 1 <= info.decode_threads <= max(2, torch.get_num_threads())

@@ -148,6 +148,7 @@ class ServerInfoReply(Message):
     batched_steps: int = 0  # decode steps that ran merged with other sessions' steps
     decode_passes: int = 0  # passes over the weights for decode steps (merged or alone)
     compute_seconds: float = 0.0  # time the compute thread spent computing, since start
+    decode_threads: int | None = None  # CPU threads decode passes compute with now (None: not on CPU)
     max_batch_size: int
     inference_max_length: int
     cache_tokens_left: int

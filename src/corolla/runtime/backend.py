@@ -4,13 +4,18 @@ Decode steps (one new position of one sequence, with a cache) of concurrent sess
 while the compute thread is busy, newly arriving steps queue up, and the next pass runs all of
 them at once over the weights (``SpanModel.decode_batch``). Before a pass it may wait briefly for
 sessions that are about to step (``runtime.batching``), so that concurrent sessions keep stepping
-in one pass. A lone session takes the plain path and never waits, so it pays nothing for this."""
+in one pass. A lone session takes the plain path and never waits, so it pays nothing for this.
+
+On CPU, unless ``--num_threads`` fixes it, decode passes compute with the thread count that
+measures fastest (``runtime.thread_tuner``); everything else uses every thread."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +31,11 @@ from corolla.runtime.adapters import using_adapter
 from corolla.runtime.batching import DecodeRhythms
 from corolla.runtime.compute_thread import compute_executor
 from corolla.runtime.quantize import quantized_bytes
+from corolla.runtime.thread_tuner import ThreadTuner
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
+LOG_MOVES_EVERY = 60.0  # seconds: a change of decode threads is logged at INFO at most this often
 MAX_DECODE_BATCH = 32  # decode steps merged into one pass at most
 
 
@@ -53,6 +61,7 @@ class SpanBackend:
         *,
         quant_type: str = "none",
         tp_devices: tuple[torch.device, ...] = (),
+        tune_threads: bool = False,
     ) -> None:
         self.span, self.dtype, self.device = span, dtype, device
         self.quant_type, self.tp_devices = quant_type, tp_devices
@@ -65,6 +74,9 @@ class SpanBackend:
         self.batched_steps = 0  # decode steps that ran merged with others (for tests and metrics)
         self.decode_passes = 0  # passes over the weights for decode steps, merged or alone
         self.compute_seconds = 0.0  # wall time the compute thread spent computing (profiling)
+        self.max_threads = torch.get_num_threads()
+        self.tuner = ThreadTuner(self.max_threads) if tune_threads and self.max_threads > 1 else None
+        self._moves_logged_at = float("-inf")
 
     @property
     def start(self) -> int:
@@ -73,6 +85,13 @@ class SpanBackend:
     @property
     def end(self) -> int:
         return self.span.end
+
+    @property
+    def decode_threads(self) -> int | None:
+        """The CPU threads decode passes compute with now (None when not computing on CPU)."""
+        if self.device.type != "cpu" or self.tp_devices:
+            return None
+        return self.tuner.best if self.tuner is not None else self.max_threads
 
     def new_cache(self, max_length: int | None = None) -> DynamicCache:
         """A session's cache, allocated once for ``max_length`` positions when given."""
@@ -103,7 +122,10 @@ class SpanBackend:
                 asyncio.ensure_future(self._drain_decode_queue())
             return await step.done
         call = functools.partial(self._run_sync, hidden, start, end, cache, prompts, adapter)
-        return await loop.run_in_executor(compute_executor(), self._timed, call)
+        if prompts is None and cache is not None and hidden.shape[1] == 1:  # a step that cannot merge
+            tuned = functools.partial(self._tuned_pass, call, end - start)
+            return await loop.run_in_executor(compute_executor(), self._timed, tuned)
+        return await loop.run_in_executor(compute_executor(), self._timed, call, self.max_threads)
 
     def _is_decode_step(self, hidden: torch.Tensor, start: int, cache: DynamicCache | None) -> bool:
         """One new position of one sequence whose cache already holds its prompt."""
@@ -153,10 +175,11 @@ class SpanBackend:
         first = group[0]
         self.decode_passes += 1
         started = time.monotonic()
-        try:
+
+        def compute() -> list[torch.Tensor]:
             if len(group) == 1:
-                alone = self._run_sync(first.hidden, first.start, first.end, first.cache, None, first.adapter)
-                return [alone]
+                step = first
+                return [self._run_sync(step.hidden, step.start, step.end, step.cache, None, step.adapter)]
             self.batched_steps += len(group)
             with torch.inference_mode(), self._adapter(first.adapter):
                 hiddens = [s.hidden.to(device=self.device, dtype=self.dtype) for s in group]
@@ -165,8 +188,48 @@ class SpanBackend:
                     hiddens, caches, first=first.start - self.start, last=first.end - self.start
                 )
                 return [out.to(device="cpu") for out in outs]
+
+        try:
+            return self._tuned_pass(compute, first.end - first.start)
         finally:
             self.rhythms.passed(time.monotonic() - started)
+
+    def _tuned_pass(self, compute: Callable[[], T], blocks: int) -> T:
+        """``compute()``, a decode pass over ``blocks`` blocks, with the tuner's thread count; the
+        tuner hears how long it took."""
+        started = time.monotonic()
+        threads = self.tuner.threads(started) if self.tuner is not None else self.max_threads
+        self._use_threads(threads)
+        out = compute()
+        self._tuned(threads, time.monotonic() - started, blocks)
+        return out
+
+    def _use_threads(self, threads: int) -> None:
+        """Compute with ``threads`` threads from now on (only when tuning: otherwise never touched)."""
+        if self.tuner is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def _tuned(self, threads: int, seconds: float, blocks: int) -> None:
+        """Tell the tuner how a decode pass went; log a change of its choice."""
+        if self.tuner is None:
+            return
+        before, now = self.tuner.best, time.monotonic()
+        self.tuner.record(threads, seconds / max(1, blocks), now)
+        if self.tuner.best == before:
+            return
+        loud = now - self._moves_logged_at >= LOG_MOVES_EVERY
+        if loud:
+            self._moves_logged_at = now
+        logger.log(
+            logging.INFO if loud else logging.DEBUG,
+            "decode passes now compute with %d of %d CPU threads: %.1f ms per block against %s "
+            "(measured while serving; other work on this machine changes which is faster)",
+            self.tuner.best, self.max_threads, 1e3 * (self.tuner.figure or 0.0),
+            ", ".join(
+                f"{1e3 * statistics.median(times):.1f} ms with {count}"
+                for count, times in sorted(self.tuner.samples.items()) if count != self.tuner.best
+            ),
+        )  # fmt: skip
 
     async def backward(
         self,
@@ -183,7 +246,7 @@ class SpanBackend:
         nothing is kept between calls."""
         loop = asyncio.get_running_loop()
         call = functools.partial(self._backward_sync, hidden, grad_outputs, start, end, prompts, adapter)
-        return await loop.run_in_executor(compute_executor(), self._timed, call)
+        return await loop.run_in_executor(compute_executor(), self._timed, call, self.max_threads)
 
     def _run_sync(
         self,
@@ -222,8 +285,11 @@ class SpanBackend:
         grad_prompts = grads[1].to(device="cpu") if p is not None else None
         return grads[0].to(device="cpu"), grad_prompts
 
-    def _timed(self, call: Callable[[], T]) -> T:
-        """``call()`` on the compute thread, its wall time added to ``compute_seconds``."""
+    def _timed(self, call: Callable[[], T], threads: int | None = None) -> T:
+        """``call()`` on the compute thread (with ``threads`` threads if given), its wall time added
+        to ``compute_seconds``."""
+        if threads is not None:
+            self._use_threads(threads)
         started = time.perf_counter()
         try:
             return call()

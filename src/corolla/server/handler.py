@@ -190,6 +190,7 @@ class Handler:
             batched_steps=backend.batched_steps,
             decode_passes=backend.decode_passes,
             compute_seconds=backend.compute_seconds,
+            decode_threads=backend.decode_threads,
             max_batch_size=self.limits.max_batch_size,
             inference_max_length=self.limits.inference_max_length,
             cache_tokens_left=sessions.budget.left,

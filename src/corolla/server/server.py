@@ -273,9 +273,17 @@ class Server:
         cache = (
             cache_bytes_per_token_block(plan.model_config, plan.dtype) * self.config.limits.attn_cache_tokens
         )
+        on_cpu = plan.device.type == "cpu" and not plan.tp_devices
         backend = SpanBackend(
-            span, plan.dtype, plan.device, quant_type=plan.quant_type, tp_devices=plan.tp_devices
-        )
+            span, plan.dtype, plan.device, quant_type=plan.quant_type, tp_devices=plan.tp_devices,
+            tune_threads=on_cpu and self.config.num_threads is None,  # --num_threads fixes the count
+        )  # fmt: skip
+        if backend.tuner is not None:
+            logger.info(
+                "decode passes compute with 1 to %d CPU threads, whichever measures fastest while serving "
+                "(other work on this machine changes which; --num_threads N fixes the count)",
+                backend.max_threads,
+            )
         if plan.adapters:
             backend.adapters = tuple(load_adapters(span, plan.adapters, dtype=plan.dtype, device=plan.device))
             logger.info("serving LoRA adapters: %s", ", ".join(backend.adapters))

@@ -10,6 +10,7 @@ import torch
 from transformers import PretrainedConfig
 
 from corolla.runtime.backend import SpanBackend
+from corolla.runtime.compute_thread import on_compute_thread
 from corolla.runtime.loader import load_span
 
 CPU = torch.device("cpu")
@@ -105,3 +106,71 @@ def test_a_preallocated_session_cache_gives_the_growing_caches_results(
     for growing_out, fixed_out in asyncio.run(scenario()):
         assert torch.equal(growing_out, fixed_out)
     b.shutdown()
+
+
+def test_decode_passes_run_with_the_tuners_thread_count_and_the_rest_with_every_thread(
+    tiny_llama_dir: Path, config: PretrainedConfig
+) -> None:
+    from corolla.runtime.thread_tuner import ROUNDS
+
+    main_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that there is a choice even on one core
+    span = load_span(tiny_llama_dir, config, 0, NUM_BLOCKS, dtype=torch.float32, device=CPU)
+    tuned, plain = SpanBackend(span, torch.float32, CPU, tune_threads=True), backend(tiny_llama_dir, config)
+    assert tuned.tuner is not None and tuned.max_threads == 2 and plain.tuner is None
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randn(1, 4, config.hidden_size, generator=g)
+    steps = torch.randn(12, 1, 1, config.hidden_size, generator=g)
+
+    async def threads_now() -> int:
+        return await on_compute_thread(torch.get_num_threads)
+
+    async def scenario() -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        outs: dict[str, list[torch.Tensor]] = {"tuned": [], "plain": []}
+        used: list[int] = []
+        for name, b in (("tuned", tuned), ("plain", plain)):
+            cache = b.new_cache()
+            await b.run(prompt, 0, NUM_BLOCKS, cache)
+            for step in steps:
+                outs[name].append(await b.run(step, 0, NUM_BLOCKS, cache))
+                if b is tuned:
+                    used.append(await threads_now())
+            if b is tuned:
+                await b.run(prompt, 0, NUM_BLOCKS, b.new_cache())  # a prompt: every thread
+                used.append(await threads_now())
+        await on_compute_thread(torch.set_num_threads, main_threads)
+        return outs["tuned"], outs["plain"], used
+
+    try:
+        tuned_outs, plain_outs, used = asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(main_threads)
+        tuned.shutdown()
+    assert tuned.tuner.explorations >= 1 and sorted(set(used[: 2 * ROUNDS])) == [1, 2]  # both tried
+    assert used[-1] == 2
+    for t, p in zip(tuned_outs, plain_outs, strict=True):
+        torch.testing.assert_close(t, p, atol=1e-5, rtol=0)
+
+
+def test_steps_that_cannot_merge_are_tuned_too(tiny_llama_dir: Path, config: PretrainedConfig) -> None:
+    from corolla.runtime.thread_tuner import ROUNDS
+
+    main_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    span = load_span(tiny_llama_dir, config, 0, NUM_BLOCKS, dtype=torch.float32, device=CPU)
+    b = SpanBackend(span, torch.float32, CPU, tune_threads=True)
+    g = torch.Generator().manual_seed(4)
+
+    async def scenario() -> None:
+        cache = b.new_cache()  # two sequences (beam search): their steps take the plain path
+        await b.run(torch.randn(2, 3, config.hidden_size, generator=g), 0, NUM_BLOCKS, cache)
+        for _ in range(2 * ROUNDS):
+            await b.run(torch.randn(2, 1, config.hidden_size, generator=g), 0, NUM_BLOCKS, cache)
+        await on_compute_thread(torch.set_num_threads, main_threads)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(main_threads)
+        b.shutdown()
+    assert b.tuner is not None and b.tuner.explorations == 1 and b.decode_passes == 0

@@ -38,6 +38,7 @@ class FakeBackend:
     adapters: tuple[str, ...] = ()
     weight_bytes = batched_steps = decode_passes = 0
     compute_seconds = 0.0
+    decode_threads = 2
 
     def __init__(self) -> None:
         self.runs = 0

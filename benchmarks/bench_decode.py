@@ -20,12 +20,17 @@ their decode steps into one pass), and it reports every server's start-up time, 
 the targets of the performance issue.
 
     python benchmarks/bench_decode.py [--repeats 3] [--max_new_tokens 64] [--sessions 8] [--json]
-    python benchmarks/bench_decode.py --defaults [--hog]
+    python benchmarks/bench_decode.py --defaults [--hog [--hog_apart]]
 
 ``--defaults`` starts the servers as a user would, with no flag beyond the model and the swarm
 (no ``--num_threads`` split): what ``corolla serve`` plus a Python client on the same machine
 give out of the box. ``--hog`` keeps one busy process per core running through every phase, the
 local ones included (a volunteer's desktop with other work on it); their CPU shows in "others".
+By default they run in the benchmark's own session, so the kernel shares the CPU among all
+threads alike: the harder case. ``--hog_apart`` starts them in a session of their own, as
+programs started from another terminal or the desktop are; where the kernel groups a session's
+threads (autogroup, ``/proc/sys/kernel/sched_autogroup_enabled``) it then shares the CPU
+between the sessions first.
 
 Timing is reported, never asserted.
 """
@@ -55,9 +60,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from corolla.cli.generate import encode_prompt
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+from corolla.client.transport import call_info
 from corolla.config import BUILTIN_MODEL, default_cache_dir
 from corolla.lab.local_swarm import LocalServer, fresh_log_dir, shared_cores_args, start_swarm, usable_cores
 from corolla.models.resolve import resolve_model
+from corolla.protocol.messages import ServerInfoReply
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TARGETS = {"swarm_1": 0.85, "swarm_2": 0.75}  # swarm decode tokens/s over local, at least
@@ -250,6 +257,7 @@ class Phase:
     prefill_s: float | None = None  # median full forward pass over the prefill prompt
     concurrent_tokens_per_s: list[float] = field(default_factory=list)  # aggregate, per repeat
     concurrent_identical: bool | None = None  # every concurrent session gave the reference tokens
+    decode_threads: list[int | None] = field(default_factory=list)  # the servers' choice, after the runs
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -272,6 +280,7 @@ class Phase:
                 statistics.median(self.concurrent_tokens_per_s) if self.concurrent_tokens_per_s else None
             ),
             "concurrent_identical": self.concurrent_identical,
+            "decode_threads": self.decode_threads,
         }
 
 
@@ -342,6 +351,15 @@ def start_servers(
     return servers
 
 
+def route_infos(model: DistributedModelForCausalLM, num_blocks: int) -> list[ServerInfoReply]:
+    """The info RPC's reply of each server on the client's route through the model."""
+    manager = model.manager
+    return [
+        manager.loop.run(call_info(manager.p2p, manager.peer(hop)), timeout=30)
+        for hop in manager.route(0, num_blocks)
+    ]
+
+
 def stop_servers(servers: Sequence[LocalServer]) -> None:
     for server in servers:
         server.stop()
@@ -370,6 +388,7 @@ def measure_swarm(
                 args.warmup,
                 args.repeats,
             )
+            phase.decode_threads = [info.decode_threads for info in route_infos(model, splits[-1][1])]
             if count == 1:  # prefill and concurrent sessions: measured on the one-server swarm
                 phase.prefill_s = time_prefill(model, prefill_ids(args.prefill_tokens), args.repeats)
                 reference = phase.runs[0].tokens
@@ -428,6 +447,7 @@ def build_report(phases: dict[str, Phase], args: argparse.Namespace, prompt_toke
             "device": args.device,
             "server_flags": "defaults" if args.defaults else "cores split (--num_threads)",
             "hogs": len(HOGS),
+            "hogs_session": "own" if args.hog_apart else "the benchmark's",
         },
         "local": local.summary(),
         "phases": {key: phase.summary() for key, phase in phases.items()},
@@ -483,7 +503,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"machine: {m['gpu'] + ' on ' if s['device'] != 'cpu' and m['gpu'] else ''}"
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} torch threads, "
         f"python {m['python']}",
-        f"servers: {s['server_flags']}; busy processes beside the benchmark (--hog): {s['hogs']}",
+        f"servers: {s['server_flags']}; busy processes beside the benchmark (--hog): {s['hogs']}"
+        + (f", in {s['hogs_session']} session" if s["hogs"] else ""),
         "",
         f"{'configuration':<32}{'decode tok/s':>13}{'(min-max)':>13}{'x local':>9}{'target':>14}"
         f"{'TTFT s':>9}{'x local':>9}{'others':>8}  {'ready s'}",
@@ -507,6 +528,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"slowest server start-up until ready: {v['slowest_startup_s']:.1f} s "
         f"(target <= {STARTUP_TARGET_S:.0f}: {'ok' if v['startup_target_met'] else 'MISS'})",
         "",
+        "decode threads the servers chose (measured while serving): "
+        + "; ".join(
+            f"{phases[key]['label']}: {', '.join(str(t) for t in phases[key]['decode_threads'])}"
+            for key in phases
+            if key.startswith("swarm")
+        ),
         "others = share of the machine's CPU used by processes other than this benchmark during the timed",
         "runs; well above 0% means those figures were disturbed. ready s = server start until ready.",
         format_identical(report),
@@ -570,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="servers with default flags (no --num_threads split, default device and dtype)",
     )  # fmt: skip
     p.add_argument("--hog", action="store_true", help="one busy process per core during every phase")
+    p.add_argument(
+        "--hog_apart", action="store_true",
+        help="with --hog: the busy processes in a session of their own (as another terminal's programs)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument(
         "--llamacpp", action="store_true",
@@ -578,9 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def start_hogs() -> list[subprocess.Popen]:
-    """One process per core spinning in pure Python (other work on the machine)."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cores())]
+def start_hogs(apart: bool) -> list[subprocess.Popen]:
+    """One process per core spinning in pure Python (other work on the machine), in a session of
+    their own if ``apart``."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=apart)
+        for _ in range(usable_cores())
+    ]
     HOGS.update(h.pid for h in hogs)
     return hogs
 
@@ -589,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeats < 1 or args.max_new_tokens < 2:
         raise SystemExit("--repeats must be >= 1 and --max_new_tokens >= 2")
+    if args.hog_apart and not args.hog:
+        raise SystemExit("--hog_apart says where --hog's busy processes run: give --hog too")
     if args.llamacpp:
         from llamacpp_row import unavailable_reason
 
@@ -604,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = fresh_log_dir(args.cache_dir, "bench_decode")
     half = num_blocks // 2
     phases: dict[str, Phase] = {}
-    hogs = start_hogs() if args.hog else []
+    hogs = start_hogs(args.hog_apart) if args.hog else []
     try:
         before = measure_local("local_before", "local, before servers", local, input_ids, args)
         phases["local_before"] = before

@@ -36,6 +36,7 @@ from bench_decode import (
     generation_kwargs,
     machine_info,
     quiet_logs,
+    route_infos,
     start_servers,
     stop_servers,
 )
@@ -44,7 +45,6 @@ from transformers import AutoConfig, AutoTokenizer
 
 from corolla.cli.generate import encode_prompt
 from corolla.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
-from corolla.client.transport import call_info
 from corolla.lab.local_swarm import fresh_log_dir
 from corolla.models.resolve import resolve_model
 
@@ -89,10 +89,8 @@ class ClientClock:
 
 def server_totals(model: DistributedModelForCausalLM, num_blocks: int) -> tuple[float, int, int]:
     """Summed over the servers of the route: compute seconds, decode passes, merged steps."""
-    manager = model.manager
     seconds, passes, merged = 0.0, 0, 0
-    for hop in manager.route(0, num_blocks):
-        info = manager.loop.run(call_info(manager.p2p, manager.peer(hop)), timeout=30)
+    for info in route_infos(model, num_blocks):
         seconds, passes, merged = (
             seconds + info.compute_seconds,
             passes + info.decode_passes,

@@ -28,6 +28,8 @@ def test_bench_decode_reports_the_whole_table_with_exact_tokens() -> None:
     assert report["tokens_identical"] and report["serving"]["concurrent_identical"]
     assert set(report["ratios"]) == {"swarm_1", "swarm_2"}
     assert all(r["decode_vs_local"] > 0 for r in report["ratios"].values())
+    threads = [report["phases"][key]["decode_threads"] for key in ("swarm_1", "swarm_2")]
+    assert [len(t) for t in threads] == [1, 2] and all(n >= 1 for t in threads for n in t)
     serving = report["serving"]
     assert serving["prefill_vs_local"] > 0 and serving["concurrent_vs_one_session"] > 0
     assert 0 < serving["slowest_startup_s"] < 120

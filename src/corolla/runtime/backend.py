@@ -62,6 +62,7 @@ class SpanBackend:
         quant_type: str = "none",
         tp_devices: tuple[torch.device, ...] = (),
         tune_threads: bool = False,
+        max_threads: int | None = None,
     ) -> None:
         self.span, self.dtype, self.device = span, dtype, device
         self.quant_type, self.tp_devices = quant_type, tp_devices
@@ -74,7 +75,7 @@ class SpanBackend:
         self.batched_steps = 0  # decode steps that ran merged with others (for tests and metrics)
         self.decode_passes = 0  # passes over the weights for decode steps, merged or alone
         self.compute_seconds = 0.0  # wall time the compute thread spent computing (profiling)
-        self.max_threads = torch.get_num_threads()
+        self.max_threads = max_threads or torch.get_num_threads()  # prompts' count; decode passes' at most
         self.tuner = ThreadTuner(self.max_threads) if tune_threads and self.max_threads > 1 else None
         self._moves_logged_at = float("-inf")
 

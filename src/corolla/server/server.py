@@ -76,6 +76,7 @@ class Server:
         self.dht_prefix = config.dht_prefix or default_dht_prefix(plan.model_name, config.revision)
         self.model_blocks: int = plan.model_config.num_hidden_layers
         self.metrics = ServerMetrics()
+        self.threads = torch.get_num_threads()  # read before decode passes may lower the compute thread's
         self.metrics.watch(self._metrics_state)
         # read before anything starts: a bad key, peer list or identity file is refused at once
         self.access = AccessPolicy(
@@ -258,6 +259,7 @@ class Server:
 
     def _load(self, start: int, end: int) -> SpanBackend:
         plan = self.plan
+        torch.set_num_threads(self.threads)  # the last span's decode passes may have used fewer
         where = " + ".join(str(d) for d in plan.tp_devices) or str(plan.device)
         quant = "" if plan.quant_type == "none" else f", weights quantised to {plan.quant_type}"
         logger.info(
@@ -277,6 +279,7 @@ class Server:
         backend = SpanBackend(
             span, plan.dtype, plan.device, quant_type=plan.quant_type, tp_devices=plan.tp_devices,
             tune_threads=on_cpu and self.config.num_threads is None,  # --num_threads fixes the count
+            max_threads=self.threads,
         )  # fmt: skip
         if backend.tuner is not None:
             logger.info(

@@ -174,3 +174,28 @@ def test_steps_that_cannot_merge_are_tuned_too(tiny_llama_dir: Path, config: Pre
         torch.set_num_threads(main_threads)
         b.shutdown()
     assert b.tuner is not None and b.tuner.explorations == 1 and b.decode_passes == 0
+
+
+def test_a_backend_built_after_tuned_passes_keeps_the_servers_thread_count(
+    tiny_llama_dir: Path, config: PretrainedConfig
+) -> None:
+    """A server moving to other blocks builds the new backend on the compute thread, which the old
+    span's decode passes may have left at fewer threads: the server's own count is passed in."""
+    main_threads = torch.get_num_threads()
+    span = load_span(tiny_llama_dir, config, 0, NUM_BLOCKS, dtype=torch.float32, device=CPU)
+
+    async def scenario() -> SpanBackend:
+        await on_compute_thread(torch.set_num_threads, 1)  # as after decode passes with 1 thread
+        try:
+            return await on_compute_thread(
+                lambda: SpanBackend(span, torch.float32, CPU, tune_threads=True, max_threads=2)
+            )
+        finally:
+            await on_compute_thread(torch.set_num_threads, main_threads)
+
+    try:
+        b = asyncio.run(scenario())
+    finally:
+        torch.set_num_threads(main_threads)
+    assert b.max_threads == 2 and b.tuner is not None and b.tuner.candidates == (2, 1)
+    b.shutdown()

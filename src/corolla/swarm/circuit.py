@@ -20,6 +20,7 @@ STOP_CONNECT, STOP_STATUS = 0, 1
 OK, RESOURCE_LIMIT_EXCEEDED, CONNECTION_FAILED, NO_RESERVATION = 100, 201, 203, 204
 MALFORMED_MESSAGE, UNEXPECTED_MESSAGE = 400, 401
 MAX_MESSAGE = 1 << 16
+TIMEOUT = 5.0  # seconds for a hop request or its answer, and for a target to answer a STOP
 
 
 def read_varint(data: bytes, i: int) -> tuple[int, int]:

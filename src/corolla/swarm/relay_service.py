@@ -39,6 +39,7 @@ from corolla.swarm.circuit import (
     STOP,
     STOP_CONNECT,
     STOP_PROTOCOL,
+    TIMEOUT,
     UNEXPECTED_MESSAGE,
     Message,
     decode,
@@ -52,7 +53,6 @@ RESERVATION_TTL = 3600  # seconds a slot is held without renewal (servers renew 
 MAX_RESERVATIONS = 1024
 MAX_CIRCUITS = 64  # relayed connections open at once to or from one peer
 COPY_CHUNK = 1 << 16
-TIMEOUT = 5.0  # seconds for a request, and for the target to answer a STOP
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
@@ -155,4 +155,3 @@ async def _pipe(a_reader: asyncio.StreamReader, a_writer: asyncio.StreamWriter,
         for task in (ab, ba):
             task.cancel()
         await asyncio.gather(ab, ba, return_exceptions=True)
-

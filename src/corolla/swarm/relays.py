@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from hivemind.p2p import P2P, PeerID
 
-from corolla.swarm.circuit import HOP, HOP_PROTOCOL, OK, Message, encode, read_message, walk
+from corolla.swarm.circuit import HOP, HOP_PROTOCOL, OK, TIMEOUT, Message, encode, read_message, walk
 from corolla.swarm.circuit import RESERVE as RESERVE_TYPE
 from corolla.swarm.dht import dial_announced
 from corolla.swarm.maddrs import peer_of, varint
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 RESERVE = encode(Message(type=RESERVE_TYPE), HOP)  # HopMessage { type: RESERVE (0) }
 STATUS_FIELD, STATUS_OK = HOP[2], OK
 RENEW_EVERY = 10.0  # seconds
-TIMEOUT = 5.0
 
 
 def hop_status(message: bytes) -> int | None:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ class SpanBackend:
         *,
         quant_type: str = "none",
         tp_devices: tuple[torch.device, ...] = (),
-        tune_threads: bool = False,
+        tune_threads: bool = False,  # on CPU: decode passes' thread count measured (runtime.thread_tuner)
         max_threads: int | None = None,
     ) -> None:
         self.span, self.dtype, self.device = span, dtype, device
@@ -76,7 +75,8 @@ class SpanBackend:
         self.decode_passes = 0  # passes over the weights for decode steps, merged or alone
         self.compute_seconds = 0.0  # wall time the compute thread spent computing (profiling)
         self.max_threads = max_threads or torch.get_num_threads()  # prompts' count; decode passes' at most
-        self.tuner = ThreadTuner(self.max_threads) if tune_threads and self.max_threads > 1 else None
+        tune = tune_threads and self.on_cpu and self.max_threads > 1
+        self.tuner = ThreadTuner(self.max_threads) if tune else None
         self._moves_logged_at = float("-inf")
 
     @property
@@ -88,9 +88,14 @@ class SpanBackend:
         return self.span.end
 
     @property
+    def on_cpu(self) -> bool:
+        """Whether this span computes with CPU threads (not on an accelerator, not sharded)."""
+        return self.device.type == "cpu" and not self.tp_devices
+
+    @property
     def decode_threads(self) -> int | None:
         """The CPU threads decode passes compute with now (None when not computing on CPU)."""
-        if self.device.type != "cpu" or self.tp_devices:
+        if not self.on_cpu:
             return None
         return self.tuner.best if self.tuner is not None else self.max_threads
 
@@ -227,8 +232,8 @@ class SpanBackend:
             "(measured while serving; other work on this machine changes which is faster)",
             self.tuner.best, self.max_threads, 1e3 * (self.tuner.figure or 0.0),
             ", ".join(
-                f"{1e3 * statistics.median(times):.1f} ms with {count}"
-                for count, times in sorted(self.tuner.samples.items()) if count != self.tuner.best
+                f"{1e3 * median:.1f} ms with {count}"
+                for count, median in sorted(self.tuner.medians.items()) if count != self.tuner.best
             ),
         )  # fmt: skip
 

@@ -54,6 +54,7 @@ class ThreadTuner:
     best: int = 0
     schedule: list[int] = field(default_factory=list)  # counts still to try in this exploration
     samples: dict[int, list[float]] = field(default_factory=dict)
+    medians: dict[int, float] = field(default_factory=dict)  # of ``samples``, at the last decision
     figure: float | None = None  # the winner's median seconds per block at the last decision
     running: float | None = None  # smoothed seconds per block since then
     explore_at: float = 0.0  # when the next exploration is due (0: at the first pass)
@@ -97,11 +98,11 @@ class ThreadTuner:
         self.samples = {}
 
     def _decide(self, now: float) -> None:
-        medians = {count: statistics.median(times) for count, times in self.samples.items()}
-        fastest = min(medians.values())
+        self.medians = {count: statistics.median(times) for count, times in self.samples.items()}
+        fastest = min(self.medians.values())
         previous = self.best
-        self.best = min(count for count, median in medians.items() if median <= TIE * fastest)
-        self.figure = self.running = medians[self.best]
+        self.best = min(count for count, median in self.medians.items() if median <= TIE * fastest)
+        self.figure = self.running = self.medians[self.best]
         self.decided_at = now
         if self.best != previous:
             self.explore_at, self.interval = now + MIN_GAP, EXPLORE_EVERY

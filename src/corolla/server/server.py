@@ -275,10 +275,9 @@ class Server:
         cache = (
             cache_bytes_per_token_block(plan.model_config, plan.dtype) * self.config.limits.attn_cache_tokens
         )
-        on_cpu = plan.device.type == "cpu" and not plan.tp_devices
         backend = SpanBackend(
             span, plan.dtype, plan.device, quant_type=plan.quant_type, tp_devices=plan.tp_devices,
-            tune_threads=on_cpu and self.config.num_threads is None,  # --num_threads fixes the count
+            tune_threads=self.config.num_threads is None,  # --num_threads fixes the count
             max_threads=self.threads,
         )  # fmt: skip
         if backend.tuner is not None:

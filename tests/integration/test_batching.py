@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from corolla import AutoDistributedModelForCausalLM
+from corolla.client.threads import SPIN_VARIABLES
 from corolla.client.transport import call_info
 from corolla.lab.local_swarm import LocalServer, start_swarm, stop_all
 from corolla.protocol.messages import ServerInfoReply
@@ -69,3 +71,36 @@ def test_eight_concurrent_sessions_get_the_tokens_each_gets_alone(model, local_m
     assert info.batched_steps > before  # the steps really were merged on the server
     # with default flags a CPU server picks its decode threads by measuring (1..its torch threads)
     assert info.decode_threads is not None and 1 <= info.decode_threads <= max(2, torch.get_num_threads())
+
+
+class _ThreadsSeen(BaseStreamer):
+    """Records this process's torch thread count each time generate hands out tokens."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.counts.append(torch.get_num_threads())
+
+    def end(self) -> None:
+        pass
+
+
+def test_a_client_beside_its_server_generates_on_one_thread_and_gives_the_count_back(
+    model, local_model, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    for name in SPIN_VARIABLES:  # as a plain Python process starts: libgomp's default spinning
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert model.manager.server_here  # the server announces loopback addresses: it is on this machine
+        prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7))
+        seen = _ThreadsSeen()
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=8, do_sample=False, streamer=seen)
+        assert seen.counts and set(seen.counts) == {1}  # no idle worker to spin beside the server
+        assert torch.get_num_threads() == 2  # the user's count, given back
+        assert torch.equal(out, local_model.generate(prompt, max_new_tokens=8, do_sample=False))
+    finally:
+        torch.set_num_threads(before)

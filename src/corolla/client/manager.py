@@ -14,7 +14,7 @@ from hivemind.p2p import P2P, PeerID
 
 from corolla.client.bans import BanList
 from corolla.client.routing import Hop, latency_route, throughput_route
-from corolla.client.threads import hint_once
+from corolla.client.threads import any_local, local_ips
 from corolla.client.transport import STREAM_LOST, EventLoopThread, measure_rtt
 from corolla.client.verify import VerificationReport
 from corolla.config import ClientConfig, NetworkConfig
@@ -73,6 +73,7 @@ class SequenceManager:
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._dialed: dict[str, float] = {}  # peer -> when we last dialed its announced addresses
         self._spans: list[ServerSpan] = []
+        self._server_here = False
         self._seen: dict[str, tuple[str, ...]] = {}  # servers seen, and their addresses: to rejoin through
         self._rejoined = -REJOIN_EVERY
         self._resets: dict[str, float] = {}  # peer -> when a reset connection last spared it a ban
@@ -100,8 +101,16 @@ class SequenceManager:
             if missing_blocks(self._spans, self.num_blocks):
                 self._rejoin()
             self._dial(self._spans)
-            hint_once(s.info.addrs for s in self._spans)
+            self._server_here = any_local((s.info.addrs for s in self._spans), local_ips())
         return self._spans
+
+    @property
+    def server_here(self) -> bool:
+        """Whether a server of this swarm runs on this machine (``client/threads.py``), by the swarm
+        view: fetched now if it never was (the first route would fetch it anyway)."""
+        if not self._updated:
+            self.spans()
+        return self._server_here
 
     def _rejoin(self) -> None:
         """Blocks are missing: perhaps the swarm lost us (our bootstrap peers restarted). Ping the

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from corolla.client.manager import SequenceManager
 from corolla.client.remote import Fetch, RemoteModel, Tuning, build
 from corolla.client.session import InferenceSession
+from corolla.client.threads import while_generating
 from corolla.errors import CorollaError
 from corolla.models.families import Family
 
@@ -106,7 +107,7 @@ class DistributedModelForCausalLM(RemoteModel, GenerationMixin):
                 return self.generate(inputs, session=temporary, **kwargs)
         history = session.token_ids if session.token_ids is not None else inputs[:, :0]
         full = torch.cat([history, inputs], dim=1)
-        with self._using(session):
+        with self._using(session), while_generating(self.manager.server_here):
             out = super().generate(full, attention_mask=torch.ones_like(full), **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         session.token_ids = sequences

@@ -8,9 +8,14 @@
   which starts a ``torch_shm_manager`` process per server (~65 MiB); ``file_descriptor`` (torch's
   default on Linux) needs none.
 
-A variable already in the environment wins."""
+A variable already in the environment wins. ``GOMP_SPINCOUNT`` is set only while torch has not
+loaded: libgomp reads it once, when torch loads, so a value set later would not act here but would
+tell ``client/threads.py`` that this process's workers do not spin.
+"""
 
 import os
+import sys
 
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+if "torch" not in sys.modules:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")

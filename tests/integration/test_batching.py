@@ -104,3 +104,16 @@ def test_a_client_beside_its_server_generates_on_one_thread_and_gives_the_count_
         assert torch.equal(out, local_model.generate(prompt, max_new_tokens=8, do_sample=False))
     finally:
         torch.set_num_threads(before)
+
+
+def test_generate_computes_logits_for_the_last_position_only(model, local_model) -> None:  # type: ignore[no-untyped-def]
+    positions: list[int] = []  # per LM head call: the prompt's last position, then each new token
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: positions.append(args[0].shape[1]))
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(8))
+    try:
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    finally:
+        hook.remove()
+    assert positions == [1] * 4
+    assert torch.equal(out, local_model.generate(prompt, max_new_tokens=4, do_sample=False))

@@ -135,7 +135,10 @@ class DistributedModelForCausalLM(RemoteModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
         session = self._active_session
         start = session.position - session.prefix_length if session is not None else 0
-        return {"input_ids": input_ids[:, start:], "use_cache": False}
+        inputs: dict[str, Any] = {"input_ids": input_ids[:, start:], "use_cache": False}
+        if kwargs.get("logits_to_keep") is not None:  # generate asks for the last position's logits only
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
     def forward(
         self,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from corolla.runtime.thread_tuner import candidate_counts
+
 pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 SHORT = ["--repeats", "1", "--warmup", "0", "--max_new_tokens", "4", "--sessions", "3"]
@@ -48,6 +50,16 @@ def test_profile_token_splits_a_token_for_each_configuration() -> None:
         "3 sessions, 1 server (per round)",
     }
     assert "steps/pass" in rows["3 sessions, 1 server (per round)"]
+
+
+def test_profile_pass_splits_a_pass_into_floor_and_kernels_per_thread_count() -> None:
+    out = run("profile_pass.py", "--passes", "2")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    counts = [int(r[0]) for r in rows]
+    assert counts and counts == list(candidate_counts(counts[0])) and counts[-1] == 1  # as a server tries
+    for _threads, real, floor, kernels, rate in rows:
+        assert float(real) > 0 and float(floor) > 0 and float(rate) > 0
+        assert abs(max(float(real) - float(floor), 0.0) - float(kernels)) < 0.15  # kernels = pass - floor
 
 
 def test_bench_api_reports_each_way_of_asking_for_several_answers() -> None:

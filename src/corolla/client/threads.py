@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 
 import torch
 
@@ -28,14 +28,15 @@ _IP = re.compile(r"^/ip[46]/([^/]+)/")
 _said = False
 
 
-def is_local(addrs: Iterable[str], local_ips: set[str]) -> bool:
+def is_local(addrs: Iterable[str], local_ips: Set[str]) -> bool:
     """Whether a server announcing ``addrs`` runs on this machine: each of its IP addresses is one
     of ours (loopback included); a record without IP addresses tells nothing."""
     ips = [m.group(1) for m in map(_IP.match, addrs) if m]
     return bool(ips) and all(ip in local_ips for ip in ips)
 
 
-def any_local(servers_addrs: Iterable[Iterable[str]], local_ips: set[str]) -> bool:
+def any_local(servers_addrs: Iterable[Iterable[str]], local_ips: Set[str]) -> bool:
+    """Whether any of these servers runs on this machine (``is_local``)."""
     return any(is_local(addrs, local_ips) for addrs in servers_addrs)
 
 

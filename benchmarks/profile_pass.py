@@ -9,6 +9,10 @@ whatever the weights. What the real pass takes above that floor is its kernels r
 weights; a compiled or fused decode step could remove most of the floor.
 
     python benchmarks/profile_pass.py [--passes 50] [--model smollm2-135m]
+    GOMP_SPINCOUNT=10000 python benchmarks/profile_pass.py   # idle workers as a server's wait
+
+The process keeps libgomp's default spinning unless the environment sets it; corolla's servers
+start with ``GOMP_SPINCOUNT=10000``.
 
 Compare with ``llama-bench``'s whole token (``bench_decode.py --defaults --llamacpp``). Timing is
 reported, never asserted.
